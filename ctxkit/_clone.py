@@ -1,0 +1,316 @@
+"""Cloning: build a detached ``contextvars.Context`` from a source context.
+
+A clone holds the selected ContextVars (those passed plus the registered ones) with the values
+they have in the source, the source's OpenTelemetry span context and baggage (nothing else of
+its OpenTelemetry context), and a fake trace id when no valid span is current. This module owns
+the registry of always-carried vars and the small caches that make repeated clones of an
+unchanged source cost one ``Context.copy()``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextvars import Context, ContextVar
+from operator import is_
+from typing import TYPE_CHECKING, Any, Final
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from ._trace import (
+    PROPAGATIONS,
+    detached_otel_context,
+    fake_trace_id_var,
+    get_tracer,
+    new_fake_trace_id,
+    start_span,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from ._trace import Propagation
+
+__all__ = [
+    "build_clone",
+    "check_propagation",
+    "clone",
+    "clone_without_span",
+    "register",
+    "registered",
+    "selection",
+    "unregister",
+]
+
+_MISSING: Final = object()
+_MARKER_NAME: Final = "ctxkit.clone"
+_MARKER_ATTRIBUTES: Final = {"ctxkit.async": True}
+
+#: The ContextVars every clone carries; replaced as a whole on change, so reading is lock-free.
+_registered: tuple[ContextVar[Any], ...] = ()
+
+# Single-entry caches, each replaced as a whole tuple (safe to read from any thread).
+# (selection, values, base context holding just the vars)
+_base_cache: tuple[tuple[ContextVar[Any], ...], tuple[object, ...], Context] | None = None
+# (selection, values, weakref to the source OTel context, source fake id, finished clone)
+_full_cache: (
+    tuple[
+        tuple[ContextVar[Any], ...],
+        tuple[object, ...],
+        weakref.ref[otel_context.Context],
+        str | None,
+        Context,
+    ]
+    | None
+) = None
+
+
+def _check_vars(vars: Iterable[object], caller: str) -> None:
+    for var in vars:
+        if not isinstance(var, ContextVar):
+            raise TypeError(
+                f"{caller}() takes contextvars.ContextVar objects, got {var!r}; "
+                "pass the ContextVar itself, not its value or its name"
+            )
+
+
+def check_propagation(propagation: object, accepted: tuple[str, ...] = PROPAGATIONS) -> None:
+    """Raise ``ValueError`` unless ``propagation`` is one of ``accepted``."""
+    if propagation not in accepted:
+        raise ValueError(
+            f"propagation must be one of {', '.join(map(repr, accepted))}, got {propagation!r}"
+        )
+
+
+def register(*vars: ContextVar[Any]) -> None:
+    """Make every clone carry these ContextVars, on top of the ones passed to each call.
+
+    Registering a var that is already registered does nothing. Registration is process-wide;
+    call it at import time of the module that owns the var (a request id, a tenant id).
+
+    Raises:
+        TypeError: An argument is not a ``contextvars.ContextVar``.
+        ValueError: Another registered var has the same ``name`` (names identify vars in
+            job metadata, see ``ctxkit.propagation``).
+    """
+    global _registered
+    _check_vars(vars, "register")
+    result = list(_registered)
+    for var in vars:
+        if var in result:
+            continue
+        for other in result:
+            if other.name == var.name:
+                raise ValueError(
+                    f"cannot register {var!r}: the registered {other!r} has the same name "
+                    f"{var.name!r}; give each carried ContextVar a unique name"
+                )
+        result.append(var)
+    _registered = tuple(result)
+
+
+def unregister(*vars: ContextVar[Any]) -> None:
+    """Stop carrying these ContextVars in every clone; vars not registered are ignored.
+
+    Raises:
+        TypeError: An argument is not a ``contextvars.ContextVar``.
+    """
+    global _registered
+    _check_vars(vars, "unregister")
+    _registered = tuple(var for var in _registered if var not in vars)
+
+
+def registered() -> tuple[ContextVar[Any], ...]:
+    """Return the registered ContextVars, in registration order."""
+    return _registered
+
+
+def selection(vars: tuple[object, ...], caller: str) -> tuple[ContextVar[Any], ...]:
+    """Validate ``vars`` and return them followed by the registered ones, without repeats."""
+    if not vars:
+        return _registered
+    _check_vars(vars, caller)
+    if _registered or len(vars) > 1:
+        return tuple(dict.fromkeys((*vars, *_registered)))  # type: ignore[arg-type]
+    return vars  # type: ignore[return-value]
+
+
+def _read(
+    selected: tuple[ContextVar[Any], ...], source: Context | None
+) -> tuple[tuple[object, ...], otel_context.Context, str | None]:
+    """Return the selected vars' values, the OTel context and the fake id of ``source``."""
+    if source is None:
+        values = tuple([var.get(_MISSING) for var in selected])
+        return values, otel_context.get_current(), fake_trace_id_var.get(None)
+    if not isinstance(source, Context):
+        raise TypeError(
+            f"context must be a contextvars.Context or None, got {source!r}; "
+            "use contextvars.copy_context() to capture one"
+        )
+    values = tuple([source.get(var, _MISSING) for var in selected])
+    return values, source.run(otel_context.get_current), source.get(fake_trace_id_var)
+
+
+def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    return len(a) == len(b) and all(map(is_, a, b))
+
+
+def _set_vars(selected: tuple[ContextVar[Any], ...], values: tuple[object, ...]) -> None:
+    for var, value in zip(selected, values, strict=True):
+        if value is not _MISSING:
+            var.set(value)
+
+
+def _install(otel: otel_context.Context, fake: str | None) -> None:
+    otel_context.attach(otel)  # the clone is private: its token is never needed
+    if fake is not None:
+        fake_trace_id_var.set(fake)
+
+
+def _base(selected: tuple[ContextVar[Any], ...], values: tuple[object, ...]) -> Context:
+    """Return a new Context holding just the selected vars (a copy of a cached one if possible)."""
+    global _base_cache
+    cached = _base_cache
+    if cached is not None and cached[0] == selected and _same(cached[1], values):
+        return cached[2].copy()
+    base = Context()
+    if selected:
+        base.run(_set_vars, selected, values)
+    _base_cache = (selected, values, base)
+    return base.copy()
+
+
+def build_clone(
+    selected: tuple[ContextVar[Any], ...],
+    source: Context | None,
+    span: trace.Span | None = None,
+    propagation: Propagation = "child",
+) -> Context:
+    """Build a clone of ``source`` (None: the current context) carrying ``selected``.
+
+    With ``span`` None the clone keeps the source's current span (``clone_without_span``);
+    otherwise ``span`` becomes current in it, unless it is invalid (a no-op tracer), in which
+    case a ``"child"`` clone keeps the source's span and other modes keep no span.
+    """
+    global _full_cache
+    values, otel_src, fake = _read(selected, source)
+    if span is None:
+        cached = _full_cache
+        if (
+            cached is not None
+            and cached[0] == selected
+            and cached[2]() is otel_src
+            and cached[3] == fake
+            and _same(cached[1], values)
+        ):
+            return cached[4].copy()
+        current = trace.get_current_span(otel_src)
+    elif span.get_span_context().is_valid:
+        current = span
+    elif propagation == "child":
+        current = trace.get_current_span(otel_src)
+    else:
+        current = trace.INVALID_SPAN
+    otel = detached_otel_context(otel_src, current)
+    result = _base(selected, values)
+    if current.get_span_context().is_valid or fake is not None:
+        result.run(_install, otel, fake)
+        if span is None:
+            _full_cache = (selected, values, weakref.ref(otel_src), fake, result)
+            return result.copy()
+        return result
+    result.run(_install, otel, new_fake_trace_id())
+    return result
+
+
+def clone_without_span(*vars: ContextVar[Any], context: Context | None = None) -> Context:
+    """Return a detached Context carrying ``vars``, the registered vars and the trace, no span.
+
+    Semantics:
+        The result holds, for each ContextVar in ``vars`` plus the registered ones, the value
+        it has in the source (``context``, else the current context) when it is set there;
+        every other ContextVar is unset in it. It holds the source's current OpenTelemetry span
+        and its baggage, and no other entry of the source's OpenTelemetry context. Spans started
+        in it are children of the source's current span, and ``current_trace_id()`` in it is the
+        source's trace id. When the source has no valid span, the clone carries the source's
+        fake trace id, or a newly generated one.
+
+        The clone is a new ``contextvars.Context``: setting a var inside it never changes the
+        source, and nothing in it can cancel work run in it. Run work in it with
+        ``asyncio.create_task(coro, context=...)``, anyio's ``TaskGroup.create_task(coro,
+        context=...)``, ``trio.lowlevel.spawn_system_task(fn, context=...)`` or
+        ``ctx.run(fn)``; or let ``ctxkit.spawn`` do all of it.
+
+    Args:
+        *vars: ContextVars to carry, besides the registered ones.
+        context: The source context; None means the calling one.
+
+    Returns:
+        A new ``contextvars.Context``; each call returns a distinct object.
+
+    Raises:
+        TypeError: An element of ``vars`` is not a ContextVar, or ``context`` is not a Context.
+    """
+    return build_clone(selection(vars, "clone_without_span"), context)
+
+
+def clone(
+    *vars: ContextVar[Any],
+    context: Context | None = None,
+    propagation: Propagation = "child",
+    tracer_provider: trace.TracerProvider | None = None,
+) -> Context:
+    """Return a detached Context carrying ``vars``, the registered vars and a marker span.
+
+    Semantics:
+        Like ``clone_without_span``, and it also marks the fork with one span named
+        ``ctxkit.clone``, kind INTERNAL, attribute ``ctxkit.async = True``. The marker is
+        already ended when ``clone()`` returns and is the current span in the returned
+        context, so spans started there are its children. The caller's current span and
+        context are never changed.
+
+        - ``propagation="child"``: the marker is a child of the source's current span (same
+          trace id), or a root when no span is active.
+        - ``propagation="link"``: the marker starts a new trace and has one span link to the
+          source's current span, when that span is valid -- for long-running or fanned-out
+          work that should not stretch the request's trace.
+        - ``propagation="none"``: the marker starts a new trace with no link.
+
+        When the marker is invalid (tracing is a no-op), a ``"child"`` clone keeps the
+        source's span; when no valid span ends up current, the clone carries the source's
+        fake trace id or a newly generated one, for log correlation only.
+
+    Args:
+        *vars: ContextVars to carry, besides the registered ones.
+        context: The source context; None means the calling one.
+        propagation: ``"child"`` (default), ``"link"`` or ``"none"``.
+        tracer_provider: Where to create the marker span; None means the global provider.
+
+    Returns:
+        A new ``contextvars.Context``.
+
+    Raises:
+        TypeError: An element of ``vars`` is not a ContextVar, or ``context`` is not a Context.
+        ValueError: ``propagation`` is not one of the accepted strings.
+    """
+    check_propagation(propagation)
+    selected = selection(vars, "clone")
+    source_otel = otel_context.get_current() if context is None else _otel_of(context)
+    marker = start_span(
+        get_tracer(tracer_provider),
+        _MARKER_NAME,
+        source_otel,
+        propagation,
+        attributes=_MARKER_ATTRIBUTES,
+    )
+    marker.end()
+    return build_clone(selected, context, marker, propagation)
+
+
+def _otel_of(context: Context) -> otel_context.Context:
+    if not isinstance(context, Context):
+        raise TypeError(
+            f"context must be a contextvars.Context or None, got {context!r}; "
+            "use contextvars.copy_context() to capture one"
+        )
+    return context.run(otel_context.get_current)

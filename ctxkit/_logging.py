@@ -1,0 +1,41 @@
+"""Log correlation: the ``ctxkit`` logger and the ``TraceIdFilter`` for stdlib logging."""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+from opentelemetry import trace
+
+from ._trace import fake_trace_id_var
+
+__all__ = ["TraceIdFilter", "logger"]
+
+#: The logger every ctxkit report goes to (task failures, shutdown summaries, bad carriers).
+logger: Final = logging.getLogger("ctxkit")
+
+
+class TraceIdFilter(logging.Filter):
+    """Add ``trace_id`` and ``span_id`` attributes to every log record it sees.
+
+    ``trace_id`` is ``ctxkit.current_trace_id()`` of the context that logs (the current valid
+    span's trace id, else the fake trace id of a ctxkit clone) and ``span_id`` is the current
+    valid span's id; each is ``""`` when there is none. The filter never drops a record, so a
+    format such as ``"%(trace_id)s %(message)s"`` works in request and background code alike.
+    Attach it to a *handler* (``handler.addFilter(TraceIdFilter())``) to cover records from
+    every logger, or to one logger for that logger alone. A record that already has a
+    ``trace_id`` (passed through ``extra=``) keeps it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Add the ids to ``record`` and keep it."""
+        if hasattr(record, "trace_id"):
+            return True
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            record.trace_id = f"{span_context.trace_id:032x}"
+            record.span_id = f"{span_context.span_id:016x}"
+        else:
+            record.trace_id = fake_trace_id_var.get("")
+            record.span_id = ""
+        return True

@@ -1,0 +1,147 @@
+"""The only module that talks to the OpenTelemetry API: tracers, span contexts, ids and links.
+
+It also owns ctxkit's *fake trace id*: a correlation id kept in a private ContextVar for code
+that runs where no valid span is current, so that log lines of one piece of detached work still
+share an id. The fake id is never written into OpenTelemetry spans; a valid current span always
+wins over it.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Final, Literal
+
+from opentelemetry import baggage as otel_baggage
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from opentelemetry.util.types import Attributes
+
+__all__ = [
+    "PROPAGATIONS",
+    "Propagation",
+    "current_span_id",
+    "current_trace_id",
+    "detached_otel_context",
+    "format_trace_id",
+    "get_tracer",
+    "new_fake_trace_id",
+    "start_span",
+]
+
+Propagation = Literal["child", "link", "none"]
+PROPAGATIONS: Final = ("child", "link", "none")
+
+_INSTRUMENTATION_NAME: Final = "ctxkit"
+_ALL_ZERO_HEX: Final = "0" * 32
+
+#: The fake trace id of the current context, when ctxkit gave it one (see module docstring).
+fake_trace_id_var: ContextVar[str] = ContextVar("ctxkit.fake_trace_id")
+
+_global_tracer: Final = trace.get_tracer(_INSTRUMENTATION_NAME, __version__)
+_tracers: weakref.WeakKeyDictionary[trace.TracerProvider, trace.Tracer] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def get_tracer(provider: trace.TracerProvider | None) -> trace.Tracer:
+    """Return ctxkit's tracer from ``provider``, or from the global provider when None.
+
+    The global one is a proxy that follows ``trace.set_tracer_provider`` made later on.
+    """
+    if provider is None:
+        return _global_tracer
+    try:
+        return _tracers[provider]
+    except KeyError:
+        tracer = provider.get_tracer(_INSTRUMENTATION_NAME, __version__)
+        _tracers[provider] = tracer
+        return tracer
+    except TypeError:  # a provider that cannot be weakly referenced: no caching
+        return provider.get_tracer(_INSTRUMENTATION_NAME, __version__)
+
+
+def new_fake_trace_id() -> str:
+    """Return a fresh fake trace id: 32 lowercase hex characters from ``os.urandom``, never zero."""
+    while True:
+        value = os.urandom(16).hex()
+        if value != _ALL_ZERO_HEX:
+            return value
+
+
+def format_trace_id(trace_id: int) -> str:
+    """Format an OpenTelemetry trace id as 32 lowercase hex characters."""
+    return f"{trace_id:032x}"
+
+
+def current_trace_id() -> str | None:
+    """Return the trace id that log lines of the current context should carry.
+
+    Returns:
+        The current valid span's trace id as 32 lowercase hex characters; else the fake trace
+        id that a ctxkit clone gave this context; else None.
+    """
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        return f"{span_context.trace_id:032x}"
+    return fake_trace_id_var.get(None)
+
+
+def current_span_id() -> str | None:
+    """Return the current valid span's id as 16 lowercase hex characters, else None."""
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        return f"{span_context.span_id:016x}"
+    return None
+
+
+def detached_otel_context(
+    source: otel_context.Context, span: trace.Span | None = None
+) -> otel_context.Context:
+    """Return a new OpenTelemetry context holding only ``source``'s baggage and a span.
+
+    Args:
+        source: The OpenTelemetry context to take the baggage (and by default the span) from.
+        span: The span to make current; None keeps ``source``'s current span.
+    """
+    if span is None:
+        span = trace.get_current_span(source)
+    result = trace.set_span_in_context(span, otel_context.Context())
+    entries = otel_baggage.get_all(source)
+    if entries:
+        for key, value in entries.items():
+            result = otel_baggage.set_baggage(key, value, result)
+    return result
+
+
+def start_span(
+    tracer: trace.Tracer,
+    name: str,
+    source: otel_context.Context,
+    propagation: Propagation,
+    *,
+    attributes: Attributes = None,
+    kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+) -> trace.Span:
+    """Start a span related to ``source``'s current span as ``propagation`` says.
+
+    ``"child"`` parents it on the current span of ``source``; ``"link"`` starts a new trace with
+    one link to that span (when it is valid); ``"none"`` starts a new trace with no link.
+    """
+    if propagation == "child":
+        return tracer.start_span(name, context=source, kind=kind, attributes=attributes)
+    links: Sequence[trace.Link] | None = None
+    if propagation == "link":
+        parent = trace.get_current_span(source).get_span_context()
+        if parent.is_valid:
+            links = (trace.Link(parent),)
+    return tracer.start_span(
+        name, context=otel_context.Context(), kind=kind, attributes=attributes, links=links
+    )
