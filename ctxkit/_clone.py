@@ -49,7 +49,9 @@ _MARKER_ATTRIBUTES: Final = {"ctxkit.async": True}
 #: The ContextVars every clone carries; replaced as a whole on change, so reading is lock-free.
 _registered: tuple[ContextVar[Any], ...] = ()
 
-# Single-entry caches, each replaced as a whole tuple (safe to read from any thread).
+# Single-entry caches, each replaced as a whole tuple (safe to read from any thread). They keep
+# the most recent clone's *selected* values (and its span and baggage) alive until the next
+# clone; values that were not selected are never referenced. docs/cloning.md says so.
 # (selection, values, base context holding just the vars)
 _base_cache: tuple[tuple[ContextVar[Any], ...], tuple[object, ...], Context] | None = None
 # (selection, values, weakref to the source OTel context, source fake id, finished clone)
@@ -148,7 +150,23 @@ def _read(
             "use contextvars.copy_context() to capture one"
         )
     values = tuple([source.get(var, _MISSING) for var in selected])
-    return values, source.run(otel_context.get_current), source.get(fake_trace_id_var)
+    return values, otel_of(source), source.get(fake_trace_id_var)
+
+
+def otel_of(source: Context) -> otel_context.Context:
+    """Return the OpenTelemetry context current in ``source``, without changing anything.
+
+    ``source.run`` is the public way in; a context that is entered already (the caller's own,
+    as ``asyncio.current_task().get_context()`` returns it) cannot be run again, so then the
+    value is looked up among the context's variables, where OpenTelemetry keeps it.
+    """
+    try:
+        return source.run(otel_context.get_current)
+    except RuntimeError:
+        for value in source.values():
+            if isinstance(value, otel_context.Context):
+                return value
+        return otel_context.Context()
 
 
 def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
@@ -313,4 +331,4 @@ def _otel_of(context: Context) -> otel_context.Context:
             f"context must be a contextvars.Context or None, got {context!r}; "
             "use contextvars.copy_context() to capture one"
         )
-    return context.run(otel_context.get_current)
+    return otel_of(context)

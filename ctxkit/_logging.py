@@ -24,18 +24,20 @@ class TraceIdFilter(logging.Filter):
     format such as ``"%(trace_id)s %(message)s"`` works in request and background code alike.
     Attach it to a *handler* (``handler.addFilter(TraceIdFilter())``) to cover records from
     every logger, or to one logger for that logger alone. A record that already has a
-    ``trace_id`` (passed through ``extra=``) keeps it.
+    ``trace_id`` or ``span_id`` (passed through ``extra=``) keeps it; the other is still added.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Add the ids to ``record`` and keep it."""
-        if hasattr(record, "trace_id"):
-            return True
         span_context = trace.get_current_span().get_span_context()
         if span_context.is_valid:
-            record.trace_id = f"{span_context.trace_id:032x}"
-            record.span_id = f"{span_context.span_id:016x}"
+            trace_id = f"{span_context.trace_id:032x}"
+            span_id = f"{span_context.span_id:016x}"
         else:
-            record.trace_id = fake_trace_id_var.get("")
-            record.span_id = ""
+            trace_id = fake_trace_id_var.get("")
+            span_id = ""
+        if not hasattr(record, "trace_id"):
+            record.trace_id = trace_id
+        if not hasattr(record, "span_id"):
+            record.span_id = span_id
         return True
