@@ -42,7 +42,7 @@ __all__ = ["BackgroundRunner", "current_task", "prepare_coroutine", "validate_op
 
 T = TypeVar("T")
 
-_State = Literal["new", "open", "draining", "closed"]
+_State = Literal["new", "open", "draining", "cancelling", "closed"]
 _SUMMARY_NAMES: Final = 10
 
 #: The background task whose code is running now (set inside each task's own context).
@@ -170,7 +170,8 @@ class BackgroundRunner:
         this runner may still spawn), then drains: waits until no task is running or
         pending, including tasks spawned during the drain, or until ``drain_timeout``
         passes. Then it cancels what is left (pending tasks end at once, running ones are
-        cancelled and awaited for at most ``cancel_timeout`` seconds) and logs one summary
+        cancelled and awaited for at most ``cancel_timeout`` seconds; from then on not even
+        its own tasks may spawn) and logs one summary
         line on the ``ctxkit`` logger: INFO when everything finished, WARNING naming what
         was cancelled. Leaving the block by an exception skips nothing; leaving it because
         the enclosing task was cancelled skips the drain and cancels at once.
@@ -265,7 +266,17 @@ class BackgroundRunner:
                 # Every task has ended (or ignored its cancellation): close the group without
                 # the body's exception, so that it propagates as it is, not in a group.
                 task_group, self._task_group = self._task_group, None
-                await task_group.__aexit__(None, None, None)
+                try:
+                    await task_group.__aexit__(None, None, None)
+                except BaseExceptionGroup as group:
+                    # Tasks report and keep every Exception, so only a KeyboardInterrupt or
+                    # SystemExit of a task gets here: raise it as itself, as on asyncio, not
+                    # wrapped in a group the caller never made.
+                    if len(group.exceptions) == 1 and not isinstance(
+                        group.exceptions[0], BaseExceptionGroup
+                    ):
+                        raise group.exceptions[0] from None
+                    raise
         return None
 
     async def _shutdown(self, *, skip_drain: bool) -> None:
@@ -279,6 +290,9 @@ class BackgroundRunner:
                 except TimeoutError:
                     reason = f"drain_timeout={self._drain_timeout}s passed"
         finally:
+            # From here on not even the runner's own tasks may spawn (say, from a finally
+            # block run by the cancellation): that work would escape the cancellation.
+            self._state = "cancelling"
             running = list(self._running)
             pending = list(self._pending)
             for task in (*pending, *running):
@@ -454,6 +468,11 @@ class BackgroundRunner:
             if self._state == "new":
                 raise RunnerClosedError(
                     f"{self!r} is not open yet; use `async with BackgroundRunner() as runner:`"
+                )
+            if self._state == "cancelling":
+                raise RunnerClosedError(
+                    f"{self!r} is cancelling its remaining tasks at shutdown and takes no new "
+                    "work, not even from them"
                 )
             raise RunnerClosedError(f"{self!r} is closed; spawn work before it shuts down")
         if self._loop is not None and asyncio._get_running_loop() is not self._loop():
@@ -652,7 +671,7 @@ class BackgroundRunner:
         else:
             self._cancelled += 1
         metrics = self._metrics
-        attributes = metrics.attributes(task.name, outcome)
+        attributes = metrics.attributes(task.name, outcome.value)
         metrics.finished.add(1, attributes)
         if not was_pending:
             self._running.discard(task)
@@ -687,6 +706,8 @@ class BackgroundRunner:
                 task.name,
                 task.trace_id,
             )
+            if self._implicit and self._loop_tearing_down():
+                self._close_implicit()
         if task._done_event is not None:
             task._done_event.set()
         self._start_next()
@@ -706,10 +727,31 @@ class BackgroundRunner:
             except Exception:
                 logger.exception("the on_error hook of %r raised", self)
 
+    def _loop_tearing_down(self) -> bool:
+        """Tell whether every task of the loop is being cancelled, as ``asyncio.run`` does last.
+
+        That is the sign, for the implicit runner (which no ``async with`` shuts down), that
+        its loop is going away: tasks started from now on would never be cancelled or run. A
+        single task cancelled from outside is not: other tasks of the loop still run.
+        """
+        if self._loop is None or (loop := self._loop()) is None:
+            return False
+        return all(task.done() or task.cancelling() for task in asyncio.all_tasks(loop))
+
+    def _close_implicit(self) -> None:
+        """Close the implicit runner at its loop's teardown: take no work, drop what waits."""
+        self._state = "closed"
+        for task in list(self._pending):
+            task.cancel()
+
     def _start_next(self) -> None:
         pending = self._pending
         limit = self._limit
-        while pending and (limit is None or len(self._running) < limit):
+        while (
+            pending
+            and self._state in ("open", "draining")
+            and (limit is None or len(self._running) < limit)
+        ):
             self._metrics.pending.add(-1)
             self._start(pending.popleft())
         if not pending and not self._running and self._idle is not None:

@@ -44,7 +44,7 @@ def current_runner() -> BackgroundRunner:
         NoRunnerError: No event loop is running, or on trio no runner is open.
     """
     task = current_task()
-    if task is not None and task._runner._state in ("open", "draining"):
+    if task is not None and task._runner._state in ("open", "draining", "cancelling"):
         return task._runner
     state = loop_runners()
     for runner in state.runners:
@@ -211,7 +211,8 @@ def fire_and_forget(
         ValueError: At decoration, when an option has a bad value.
     """
     validate_options(propagation, span, timeout, name)
-    selected = selection(tuple(vars), "fire_and_forget")
+    carried = tuple(vars)
+    selection(carried, "fire_and_forget")  # validate now; spawn adds the registered vars per call
     if runner is not None and not isinstance(runner, BackgroundRunner):
         raise TypeError(f"runner must be a BackgroundRunner or None, got {runner!r}")
 
@@ -228,7 +229,7 @@ def fire_and_forget(
             target = runner if runner is not None else current_runner()
             return target.spawn(
                 func(*args, **kwargs),
-                vars=selected,
+                vars=carried,
                 name=task_name,
                 propagation=propagation,
                 span=span,

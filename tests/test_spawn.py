@@ -1,0 +1,446 @@
+"""Tests for ctxkit.spawn, ctxkit.drain and ctxkit.current_runner: which runner serves a spawn."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import inspect
+import logging
+import threading
+import types
+from collections.abc import Callable, Coroutine
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+
+import ctxkit
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
+
+request_id: ContextVar[str] = ContextVar("test_spawn.request_id")
+
+MakeRunner = Callable[..., ctxkit.BackgroundRunner]
+ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", ["asyncio"])
+TRIO_ONLY = pytest.mark.parametrize("anyio_backend", ["trio"])
+
+
+@pytest.fixture
+def make_runner(tracer_provider: TracerProvider, meter_provider: MeterProvider) -> MakeRunner:
+    """Build runners that report to this test's providers (and never hang a failing test)."""
+
+    def make(**options: Any) -> ctxkit.BackgroundRunner:
+        options.setdefault("tracer_provider", tracer_provider)
+        options.setdefault("meter_provider", meter_provider)
+        options.setdefault("drain_timeout", 10.0)
+        return ctxkit.BackgroundRunner(**options)
+
+    return make
+
+
+def is_closed(coro: Coroutine[Any, Any, Any]) -> bool:
+    """Tell whether ``coro`` was closed (so it can never warn "was never awaited")."""
+    assert isinstance(coro, types.CoroutineType)
+    return inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED and coro.cr_frame is None
+
+
+def assert_identity(stats: ctxkit.RunnerStatistics) -> None:
+    assert stats.spawned == (
+        stats.running + stats.pending + stats.ok + stats.error + stats.timeout + stats.cancelled
+    ), stats
+
+
+async def noop() -> None:
+    pass
+
+
+async def wait_for(event: anyio.Event) -> None:
+    await event.wait()
+
+
+async def hold_open(
+    runner: ctxkit.BackgroundRunner, opened: anyio.Event, close: anyio.Event
+) -> None:
+    """Keep ``runner`` open (in a task of its own) until ``close`` is set."""
+    async with runner:
+        opened.set()
+        await close.wait()
+
+
+# --- which runner --------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+class TestWhichRunner:
+    async def test_first_opened_runner_serves_spawn(self, make_runner: MakeRunner) -> None:
+        """With two runners open, ctxkit.spawn uses the one opened first."""
+        async with make_runner() as first, make_runner() as second:
+            assert ctxkit.current_runner() is first
+            ctxkit.spawn(noop)
+        assert (first.statistics().spawned, second.statistics().spawned) == (1, 0)
+
+    async def test_handler_in_another_task_finds_the_startup_runner(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """A handler running in another task of the loop spawns on the app's runner."""
+        handled = anyio.Event()
+        handles: list[ctxkit.BackgroundTask[None]] = []
+
+        async def handler() -> None:
+            handles.append(ctxkit.spawn(noop))
+            handled.set()
+
+        async with make_runner() as app_runner, anyio.create_task_group() as server:
+            server.start_soon(handler)
+            await handled.wait()
+        assert app_runner.statistics().ok == 1
+        assert handles[0].outcome == "ok"
+
+    async def test_a_background_task_spawns_on_its_own_runner(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """ctxkit.spawn inside a task of runner B goes to B, though A was opened first."""
+
+        async def parent() -> None:
+            ctxkit.spawn(noop)
+
+        async with make_runner() as first, make_runner() as second:
+            second.spawn(parent)
+            await second.drain()
+        assert (first.statistics().spawned, second.statistics().spawned) == (0, 2)
+
+    async def test_next_open_runner_takes_over_when_the_first_closes(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """When the first runner closes, spawns go to the next one still open."""
+        first, second = make_runner(), make_runner()
+        opened = [anyio.Event(), anyio.Event()]
+        close = [anyio.Event(), anyio.Event()]
+        async with anyio.create_task_group() as app:
+            app.start_soon(hold_open, first, opened[0], close[0])
+            await opened[0].wait()
+            app.start_soon(hold_open, second, opened[1], close[1])
+            await opened[1].wait()
+            assert ctxkit.current_runner() is first
+            close[0].set()
+            while not first.closed:
+                await anyio.lowlevel.checkpoint()
+            assert ctxkit.current_runner() is second
+            ctxkit.spawn(noop)
+            close[1].set()
+        assert (first.statistics().spawned, second.statistics().spawned) == (0, 1)
+
+    async def test_after_the_runner_closed_spawn_raises_closed(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """Once the loop's runner has shut down, ctxkit.spawn raises RunnerClosedError."""
+        async with make_runner():
+            pass
+        coro = noop()
+        with pytest.raises(ctxkit.RunnerClosedError, match="has shut down"):
+            ctxkit.spawn(coro)
+        assert is_closed(coro)
+        with pytest.raises(RuntimeError):
+            ctxkit.current_runner()
+
+    async def test_spawn_carries_context_and_options(
+        self, make_runner: MakeRunner, tracer_provider: TracerProvider
+    ) -> None:
+        """ctxkit.spawn passes vars, name, timeout and the trace to the runner."""
+        tracer = tracer_provider.get_tracer("test")
+        request_id.set("r-1")
+        seen: list[tuple[str | None, str | None]] = []
+
+        async def work(suffix: str) -> None:
+            seen.append((request_id.get(None), ctxkit.current_trace_id()))
+
+        async with make_runner():
+            with tracer.start_as_current_span("request") as span:
+                handle = ctxkit.spawn(work, "x", vars=[request_id], name="job", timeout=5)
+        trace_id = f"{span.get_span_context().trace_id:032x}"
+        assert seen == [("r-1", trace_id)]
+        assert handle.name == "job"
+        assert handle.trace_id == trace_id
+
+    async def test_spawn_refuses_non_async_work(self, make_runner: MakeRunner) -> None:
+        """ctxkit.spawn raises TypeError for non-coroutines and closes a coroutine with args."""
+        async with make_runner() as runner:
+            not_async: Any = print
+            with pytest.raises(TypeError):
+                ctxkit.spawn(not_async)
+            coro = noop()
+            with pytest.raises(TypeError):
+                ctxkit.spawn(coro, 1)  # type: ignore[call-overload]
+            assert is_closed(coro)
+            coro = noop()
+            with pytest.raises(ValueError, match="propagation"):
+                ctxkit.spawn(coro, span=False, propagation="link")
+            assert is_closed(coro)
+        assert runner.statistics().spawned == 0
+
+
+@pytest.mark.anyio
+class TestDrain:
+    async def test_drain_waits_for_every_runner(self, make_runner: MakeRunner) -> None:
+        """ctxkit.drain() returns once no runner of the loop has work, spawned meanwhile too."""
+        finished: list[str] = []
+
+        async def second() -> None:
+            finished.append("second")
+
+        async def first() -> None:
+            await anyio.lowlevel.checkpoint()
+            ctxkit.spawn(second)
+            finished.append("first")
+
+        async with make_runner() as one, make_runner() as two:
+            one.spawn(first)
+            two.spawn(first)
+            await ctxkit.drain()
+            assert sorted(finished) == ["first", "first", "second", "second"]
+            assert one.accepting
+
+    async def test_drain_timeout(self, make_runner: MakeRunner) -> None:
+        """ctxkit.drain(timeout) raises TimeoutError when work remains; the work goes on."""
+        release = anyio.Event()
+        async with make_runner():
+            handle = ctxkit.spawn(wait_for, release)
+            with pytest.raises(TimeoutError):
+                await ctxkit.drain(timeout=0.01)
+            release.set()
+            await ctxkit.drain(timeout=5)
+        assert handle.outcome == "ok"
+
+
+@pytest.mark.anyio
+class TestTrio:
+    @TRIO_ONLY
+    async def test_no_runner_raises_no_runner_error(self) -> None:
+        """On trio without an open runner, ctxkit.spawn raises NoRunnerError, coroutine closed."""
+        coro = noop()
+        with pytest.raises(ctxkit.NoRunnerError, match="trio needs an open runner"):
+            ctxkit.spawn(coro)
+        assert is_closed(coro)
+        with pytest.raises(RuntimeError):
+            ctxkit.spawn(noop)
+
+    @TRIO_ONLY
+    async def test_drain_without_runner_returns(self) -> None:
+        """ctxkit.drain() with no runner returns at once."""
+        await ctxkit.drain()
+
+
+class TestNoEventLoop:
+    def test_spawn_outside_an_event_loop(self) -> None:
+        """ctxkit.spawn from sync code raises NoRunnerError and closes the coroutine."""
+        coro = noop()
+        with pytest.raises(ctxkit.NoRunnerError, match="no async event loop"):
+            ctxkit.spawn(coro)
+        assert is_closed(coro)
+
+
+# --- the implicit asyncio runner -----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+class TestImplicitRunner:
+    @ASYNCIO_ONLY
+    async def test_spawn_without_runner_uses_the_loop_runner(self) -> None:
+        """On asyncio with no runner ever opened, spawn uses one implicit runner per loop."""
+        request_id.set("r-5")
+        seen: list[str | None] = []
+
+        async def work() -> None:
+            seen.append(request_id.get(None))
+
+        handle = ctxkit.spawn(work, vars=[request_id])
+        implicit = ctxkit.current_runner()
+        assert ctxkit.current_runner() is implicit
+        assert implicit.accepting
+        await ctxkit.drain()
+        assert handle.outcome == "ok"
+        assert seen == ["r-5"]
+        assert implicit.statistics().ok == 1
+
+    @ASYNCIO_ONLY
+    async def test_thousands_of_dropped_handles_complete(self) -> None:
+        """Thousands of implicit-runner tasks with dropped handles all finish across gc."""
+        total = 2000
+        release = anyio.Event()
+        finished = 0
+
+        async def work() -> None:
+            nonlocal finished
+            await release.wait()
+            finished += 1
+
+        for index in range(total):
+            ctxkit.spawn(work)
+            if index % 400 == 0:
+                gc.collect()
+        gc.collect()
+        release.set()
+        await ctxkit.drain()
+        assert finished == total
+        assert_identity(ctxkit.current_runner().statistics())
+
+    @ASYNCIO_ONLY
+    async def test_one_task_cancelled_from_outside_leaves_the_runner_open(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A stray outside cancel of one implicit task is logged; the runner keeps working."""
+        release = anyio.Event()
+        stray = ctxkit.spawn(wait_for, release, name="stray")
+        other = ctxkit.spawn(wait_for, release)
+        await anyio.lowlevel.checkpoint()
+        assert isinstance(stray.impl, asyncio.Task)
+        stray.impl.cancel()
+        assert await stray.wait() == "cancelled"
+        assert ctxkit.current_runner().accepting
+        release.set()
+        assert await other.wait() == "ok"
+        assert await ctxkit.spawn(noop).wait() == "ok"
+        assert any("'stray' was cancelled from outside" in r.getMessage() for r in caplog.records)
+
+    @ASYNCIO_ONLY
+    async def test_its_only_task_cancelled_from_outside_leaves_the_runner_open(self) -> None:
+        """Cancelling the implicit runner's only task from outside is no loop teardown."""
+        release = anyio.Event()
+        lone = ctxkit.spawn(wait_for, release, name="lone")
+        await anyio.lowlevel.checkpoint()
+        assert isinstance(lone.impl, asyncio.Task)
+        lone.impl.cancel()
+        assert await lone.wait() == "cancelled"
+        assert ctxkit.current_runner().accepting
+        assert await ctxkit.spawn(noop).wait() == "ok"
+
+    @ASYNCIO_ONLY
+    async def test_no_implicit_runner_once_a_runner_was_opened(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """A loop that had a runner gets no implicit one after it closes."""
+        async with make_runner():
+            pass
+        with pytest.raises(ctxkit.RunnerClosedError):
+            ctxkit.spawn(noop)
+
+    @ASYNCIO_ONLY
+    async def test_spawn_from_another_thread_is_refused(self, make_runner: MakeRunner) -> None:
+        """A runner bound to a loop refuses spawns from other threads and closes the coroutine."""
+        async with make_runner() as runner:
+            coro = noop()
+            errors: list[BaseException] = []
+
+            def from_thread() -> None:
+                try:
+                    runner.spawn(coro)
+                except RuntimeError as exc:
+                    errors.append(exc)
+
+            await anyio.to_thread.run_sync(from_thread)
+        assert len(errors) == 1
+        assert "another event loop or thread" in str(errors[0])
+        assert is_closed(coro)
+        assert threading.current_thread() is threading.main_thread()
+
+
+class TestAsyncioRunTeardown:
+    """``asyncio.run`` cancels leftover tasks when main returns; implicit-runner tasks included."""
+
+    def test_task_cancelled_before_its_first_step(self, caplog: pytest.LogCaptureFixture) -> None:
+        """A task still unstarted at teardown ends "cancelled", closed, with a warning."""
+        handles: list[ctxkit.BackgroundTask[None]] = []
+        coros: list[Coroutine[Any, Any, None]] = []
+
+        def spawn_late() -> None:
+            coros.append(noop())
+            handles.append(ctxkit.spawn(coros[0], name="late"))
+
+        async def main() -> None:
+            # spawn in the loop's last iteration: the task never gets its first step
+            asyncio.get_running_loop().call_soon(spawn_late)
+
+        asyncio.run(main())
+        gc.collect()
+        assert handles[0].outcome == "cancelled"
+        assert is_closed(coros[0])
+        (record,) = [r for r in caplog.records if r.name == "ctxkit"]
+        assert record.levelno == logging.WARNING
+        assert "'late' was cancelled from outside its runner" in record.getMessage()
+
+    def test_running_task_is_cancelled_at_teardown(self) -> None:
+        """A task suspended when main returns is cancelled and its finally block runs."""
+        handles: list[ctxkit.BackgroundTask[None]] = []
+        cleaned: list[bool] = []
+
+        async def work(started: asyncio.Event) -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                cleaned.append(True)
+
+        async def main() -> None:
+            started = asyncio.Event()
+            handles.append(ctxkit.spawn(work, started))
+            await started.wait()
+
+        asyncio.run(main())
+        assert handles[0].outcome == "cancelled"
+        assert cleaned == [True]
+
+    def test_pending_tasks_of_the_implicit_runner_end_too(self) -> None:
+        """Past the implicit runner's limit, every task still ends "cancelled" at teardown."""
+        handles: list[ctxkit.BackgroundTask[None]] = []
+        coros: list[Coroutine[Any, Any, None]] = []
+        runners: list[ctxkit.BackgroundRunner] = []
+        errors: list[dict[str, Any]] = []
+
+        async def work() -> None:
+            await asyncio.Event().wait()
+
+        async def main() -> None:
+            asyncio.get_running_loop().set_exception_handler(lambda _, ctx: errors.append(ctx))
+            for _ in range(150):
+                coros.append(work())
+                handles.append(ctxkit.spawn(coros[-1]))
+            runners.append(ctxkit.current_runner())
+            assert runners[0].statistics().pending == 50
+
+        asyncio.run(main())
+        gc.collect()
+        assert [h.outcome for h in handles] == ["cancelled"] * 150
+        assert all(is_closed(coro) for coro in coros)
+        stats = runners[0].statistics()
+        assert_identity(stats)
+        assert (stats.running, stats.pending, stats.cancelled) == (0, 0, 150)
+        assert errors == []
+
+    def test_explicit_runner_in_a_cancelled_server_task(self) -> None:
+        """A runner held by a task cancelled at teardown cancels its running and pending work."""
+        handles: list[ctxkit.BackgroundTask[None]] = []
+        errors: list[dict[str, Any]] = []
+
+        async def work() -> None:
+            await asyncio.Event().wait()
+
+        async def serve(ready: asyncio.Event) -> None:
+            async with ctxkit.BackgroundRunner(limit=1) as runner:
+                handles.extend(runner.spawn(work) for _ in range(3))
+                ready.set()
+                await asyncio.Event().wait()
+
+        async def main() -> None:
+            asyncio.get_running_loop().set_exception_handler(lambda _, ctx: errors.append(ctx))
+            ready = asyncio.Event()
+            server = asyncio.create_task(serve(ready))
+            await ready.wait()
+            assert not server.done()
+
+        asyncio.run(main())
+        gc.collect()
+        assert [h.outcome for h in handles] == ["cancelled"] * 3
+        assert errors == []
