@@ -127,14 +127,32 @@ def registered() -> tuple[ContextVar[Any], ...]:
     return _registered
 
 
+_last_selection: tuple[tuple[object, ...], tuple[ContextVar[Any], ...], tuple[object, ...]] = (
+    (),
+    (),
+    (),
+)
+
+
 def selection(vars: tuple[object, ...], caller: str) -> tuple[ContextVar[Any], ...]:
-    """Validate ``vars`` and return them followed by the registered ones, without repeats."""
+    """Validate ``vars`` and return them followed by the registered ones, without repeats.
+
+    The last answer is kept: a hot path that passes the same vars each time (the usual case)
+    pays one tuple comparison.
+    """
+    global _last_selection
     if not vars:
         return _registered
+    last_vars, last_registered, last_result = _last_selection
+    if vars == last_vars and last_registered is _registered:
+        return last_result  # type: ignore[return-value]
     _check_vars(vars, caller)
     if _registered or len(vars) > 1:
-        return tuple(dict.fromkeys((*vars, *_registered)))  # type: ignore[arg-type]
-    return vars  # type: ignore[return-value]
+        result: tuple[Any, ...] = tuple(dict.fromkeys((*vars, *_registered)))
+    else:
+        result = vars
+    _last_selection = (vars, _registered, result)
+    return result
 
 
 def _read(

@@ -16,6 +16,7 @@ import time
 import weakref
 from collections import deque
 from contextvars import ContextVar
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 
 import anyio
@@ -445,10 +446,19 @@ class BackgroundRunner:
                 not one of its tasks.
             RunnerFullError: ``limit`` tasks run and ``pending_limit`` wait already.
         """
-        coro = prepare_coroutine(coro_or_fn, args, "spawn")
+        if type(coro_or_fn) is CoroutineType and not args:
+            coro: Coroutine[Any, Any, Any] = coro_or_fn
+        else:
+            coro = prepare_coroutine(coro_or_fn, args, "spawn")
         try:
-            timeout = validate_options(propagation, span, timeout, name)
-            selected = selection(tuple(vars), "spawn")
+            if (
+                propagation != "child"
+                or timeout is not None
+                or name is not None
+                or (span is not True and span is not False)
+            ):
+                timeout = validate_options(propagation, span, timeout, name)
+            selected = selection(vars if type(vars) is tuple else tuple(vars), "spawn")
             self._check_accepting()
         except BaseException:
             coro.close()
@@ -545,7 +555,11 @@ class BackgroundRunner:
             impl = loop.create_task(
                 self._run_asyncio(task), name=f"ctxkit:{task.name}", context=task._context
             )
-            impl.add_done_callback(task.impl_done)
+            if self._implicit:
+                # Only the implicit runner needs this: asyncio.run may cancel its tasks before
+                # their first step, with no shutdown of ours to account for them. An entered
+                # runner's shutdown finds such tasks itself (see _cancel).
+                impl.add_done_callback(task.impl_done)
             task.impl = impl
         else:
             assert self._task_group is not None
@@ -584,6 +598,11 @@ class BackgroundRunner:
                 self._finish(task, TaskOutcome.ERROR, exception=exc)
         except BaseException as exc:  # KeyboardInterrupt, SystemExit: report, then propagate
             self._finish(task, TaskOutcome.ERROR, exception=exc)
+            # The loop re-raises it; retrieve it from the task afterwards, so asyncio does not
+            # also log "exception was never retrieved" for what was reported already.
+            impl = task.impl
+            if isinstance(impl, asyncio.Task):
+                impl.add_done_callback(_retrieve)
             raise
         else:
             self._finish(task, TaskOutcome.OK, result=result)
@@ -757,6 +776,11 @@ class BackgroundRunner:
         if not pending and not self._running and self._idle is not None:
             self._idle.set()
             self._idle = None
+
+
+def _retrieve(impl: asyncio.Task[None]) -> None:
+    if not impl.cancelled():
+        impl.exception()
 
 
 def _cancelled_types() -> tuple[type[BaseException], ...]:

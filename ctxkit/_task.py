@@ -7,7 +7,6 @@ has ended, its outcome; it can cancel the task and wait for it. ``TaskOutcome``,
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -18,6 +17,7 @@ from opentelemetry import trace
 from ._trace import fake_trace_id_var
 
 if TYPE_CHECKING:
+    import asyncio
     from collections.abc import Coroutine
     from contextvars import Context
 
@@ -201,10 +201,6 @@ class BackgroundTask(Generic[T]):
 
     def impl_done(self, impl: object) -> None:
         """Done-callback of the task's ``asyncio.Task`` (internal)."""
-        if isinstance(impl, asyncio.Future) and not impl.cancelled():
-            # A KeyboardInterrupt or SystemExit, reported already and propagated by the loop:
-            # retrieve it so that asyncio does not also log "exception was never retrieved".
-            impl.exception()
         if self._outcome is None:
             self._runner._impl_done(self)
 
