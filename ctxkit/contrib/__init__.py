@@ -1,0 +1,4 @@
+"""Integrations of ctxkit with other libraries, one module each, each behind an optional extra.
+
+- ``ctxkit.contrib.taskiq``: ``CtxkitMiddleware`` for taskiq (``pip install "ctxkit[taskiq]"``).
+"""

@@ -1,0 +1,835 @@
+"""Carry ContextVars and the trace across process boundaries, through job metadata or headers.
+
+``inject`` writes the current context's trace and selected ContextVars into a *carrier* (a
+mutable mapping such as a job's labels or headers); ``extract`` reads one back into a detached
+``contextvars.Context``; ``consume`` restores one in the current context for the duration of a
+``with`` block, inside a CONSUMER span. The wire format (see ``docs/propagation.md``):
+
+- ``traceparent``, ``tracestate``: W3C Trace Context (Level 2), when a valid span is current;
+- ``ctxkit-vars``: one JSON object, ``ContextVar.name`` to JSON value, ASCII, at most 4 KiB;
+- ``ctxkit-trace-id``: the fake trace id (32 lowercase hex) when no valid span is current;
+- ``baggage``: W3C Baggage, only with ``baggage=True``, at most 64 members and 8192 bytes.
+
+A carrier comes from outside the process: reading one never raises and never evaluates
+anything. Whatever is wrong with it is ignored, counted in the ``ctxkit.propagation.rejected``
+counter (attribute ``ctxkit.reason``) and logged once per process and reason on the ``ctxkit``
+logger, and the job runs as a new root.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import weakref
+from collections.abc import Iterable, Mapping, MutableMapping
+from contextvars import Context, ContextVar, Token
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
+from urllib.parse import quote, unquote
+
+from opentelemetry import baggage as otel_baggage
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.trace import Status, StatusCode
+
+from ._clone import check_propagation, selection
+from ._logging import logger
+from ._trace import fake_trace_id_var, get_tracer, new_fake_trace_id, start_span
+from ._version import __version__
+from ._w3c import TRACEPARENT, TRACESTATE, W3CTraceContextPropagator
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from opentelemetry.util.types import AttributeValue
+
+    from ._trace import Propagation
+
+__all__ = [
+    "BAGGAGE",
+    "MAX_BAGGAGE_MEMBERS",
+    "MAX_BAGGAGE_SIZE",
+    "MAX_VARS",
+    "MAX_VARS_SIZE",
+    "TRACEPARENT",
+    "TRACESTATE",
+    "TRACE_ID",
+    "VARS",
+    "ConsumeScope",
+    "consume",
+    "extract",
+    "inject",
+]
+
+#: Carrier key of the JSON object holding the carried ContextVars.
+VARS: Final = "ctxkit-vars"
+#: Carrier key of the fake trace id, written only when no valid span is current.
+TRACE_ID: Final = "ctxkit-trace-id"
+#: Carrier key of W3C Baggage, read and written only with ``baggage=True``.
+BAGGAGE: Final = "baggage"
+#: Default limit, in bytes, of the ``ctxkit-vars`` value (``max_vars_size=``).
+MAX_VARS_SIZE: Final = 4096
+#: Most ContextVars one ``ctxkit-vars`` object may hold.
+MAX_VARS: Final = 64
+#: Most W3C Baggage list-members written or read.
+MAX_BAGGAGE_MEMBERS: Final = 64
+#: Most bytes of the ``baggage`` value written or read.
+MAX_BAGGAGE_SIZE: Final = 8192
+
+_CarrierT = TypeVar("_CarrierT", bound=MutableMapping[str, Any])
+
+_W3C: Final = W3CTraceContextPropagator()
+_MISSING: Final = object()
+_FAKE_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
+_ZERO_ID: Final = "0" * 32
+# RFC 7230 token, and W3C Baggage's baggage-octet (printable ASCII but space, '"', ',', ';', '\').
+_TOKEN: Final = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_OCTETS: Final = r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*"
+_TOKEN_RE: Final = re.compile(_TOKEN)
+_MEMBER_RE: Final = re.compile(
+    rf"({_TOKEN})[ \t]*=[ \t]*({_OCTETS})"
+    rf"(?:[ \t]*;[ \t]*{_TOKEN}(?:[ \t]*=[ \t]*{_OCTETS})?)*"
+)
+_OWS: Final = " \t"
+
+
+# --- rejected input: metric and log-once -------------------------------------------------------
+
+# Our reasons; the W3C parser adds ``carrier.unreadable``, ``traceparent.*``, ``tracestate.*``.
+_NOT_MAPPING: Final = "carrier.not_mapping"
+_UNREADABLE: Final = "carrier.unreadable"
+_PROPAGATOR_FAILED: Final = "propagator.failed"
+_VARS_NOT_STRING: Final = "vars.not_string"
+_VARS_TOO_LARGE: Final = "vars.too_large"
+_VARS_INVALID_JSON: Final = "vars.invalid_json"
+_VARS_NOT_OBJECT: Final = "vars.not_object"
+_VARS_TOO_MANY: Final = "vars.too_many"
+_VARS_DUPLICATE: Final = "vars.duplicate_name"
+_TRACE_ID_INVALID: Final = "trace_id.invalid"
+_BAGGAGE_NOT_STRING: Final = "baggage.not_string"
+_BAGGAGE_TOO_LARGE: Final = "baggage.too_large"
+_BAGGAGE_TOO_MANY: Final = "baggage.too_many_members"
+_BAGGAGE_INVALID: Final = "baggage.invalid"
+_BAGGAGE_DROPPED: Final = "baggage.dropped"  # inject: members that did not fit or were invalid
+
+_logged: set[str] = set()
+_logged_lock: Final = threading.Lock()
+_global_counter: metrics.Counter | None = None
+_counters: weakref.WeakKeyDictionary[metrics.MeterProvider, metrics.Counter] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _counter(provider: metrics.MeterProvider | None) -> metrics.Counter:
+    global _global_counter
+    if provider is None:
+        if _global_counter is None:
+            _global_counter = _make_counter(metrics.get_meter("ctxkit", __version__))
+        return _global_counter
+    try:
+        return _counters[provider]
+    except KeyError:
+        counter = _make_counter(provider.get_meter("ctxkit", __version__))
+        _counters[provider] = counter
+        return counter
+
+
+def _make_counter(meter: metrics.Meter) -> metrics.Counter:
+    return meter.create_counter(
+        "ctxkit.propagation.rejected",
+        unit="{entry}",
+        description="Carrier entries ignored because they were malformed, oversized or unusable",
+    )
+
+
+def _report(reasons: list[str], provider: metrics.MeterProvider | None) -> None:
+    """Count each reason and log the first occurrence of each kind in this process."""
+    counter = _counter(provider)
+    for reason in reasons:
+        counter.add(1, {"ctxkit.reason": reason})
+        if reason in _logged:  # the common case, without the lock
+            continue
+        with _logged_lock:
+            first = reason not in _logged
+            _logged.add(reason)
+        if first:  # logged outside the lock: a handler may be slow, or report again
+            # Never log the carrier's content: it is untrusted and may hold user data.
+            logger.warning(
+                "ignored untrusted propagation input (%s); the work runs without it. Each kind "
+                "is logged once per process and counted in ctxkit.propagation.rejected",
+                reason,
+            )
+
+
+# --- argument checks (programming errors raise) ------------------------------------------------
+
+
+def _as_tuple(vars: Iterable[ContextVar[Any]], caller: str) -> tuple[ContextVar[Any], ...]:
+    """Return ``vars`` as a tuple, with a helpful error for a lone var or a non-iterable."""
+    given: object = vars  # typed as an iterable, but callers pass a lone var by mistake
+    if isinstance(given, ContextVar):
+        raise TypeError(
+            f"{caller}() takes vars= as an iterable of ContextVars, got the ContextVar {vars!r}; "
+            "pass vars=(var,)"
+        )
+    try:
+        return tuple(vars)
+    except TypeError:
+        raise TypeError(
+            f"{caller}() takes vars= as an iterable of ContextVars, got {vars!r}"
+        ) from None
+
+
+def _selected(vars: Iterable[ContextVar[Any]], caller: str) -> tuple[ContextVar[Any], ...]:
+    """Return ``vars`` plus the registered vars; raise on a non-var or a repeated name."""
+    items = vars if type(vars) is tuple else _as_tuple(vars, caller)
+    selected = selection(items, caller)
+    if len(selected) > 1:
+        names: dict[str, ContextVar[Any]] = {}
+        for var in selected:
+            other = names.setdefault(var.name, var)
+            if other is not var:
+                raise ValueError(
+                    f"{caller}() got two ContextVars named {var.name!r} ({other!r} and {var!r}); "
+                    "names identify vars in carriers, give each carried var a unique name"
+                )
+    return selected
+
+
+def _check_options(max_vars_size: object, propagator: object) -> None:
+    if not isinstance(max_vars_size, int) or isinstance(max_vars_size, bool):
+        raise TypeError(f"max_vars_size must be an int, got {max_vars_size!r}")
+    if max_vars_size < 2:
+        raise ValueError(f"max_vars_size must be at least 2 (bytes), got {max_vars_size!r}")
+    if propagator is not None and not isinstance(propagator, TextMapPropagator):
+        raise TypeError(
+            f"propagator must be an opentelemetry TextMapPropagator or None, got {propagator!r}"
+        )
+
+
+def _owned_keys(propagator: TextMapPropagator | None, baggage: bool) -> frozenset[str]:
+    """Return the carrier keys that ``inject`` owns with these options (for integrations)."""
+    trace_keys = _W3C.fields if propagator is None else propagator.fields
+    extra = (VARS, TRACE_ID, BAGGAGE) if baggage else (VARS, TRACE_ID)
+    return frozenset((*trace_keys, *extra))
+
+
+# --- inject --------------------------------------------------------------------------------------
+
+
+def inject(
+    carrier: _CarrierT,
+    *,
+    vars: Iterable[ContextVar[Any]] = (),
+    context: Context | None = None,
+    baggage: bool = False,
+    propagator: TextMapPropagator | None = None,
+    max_vars_size: int = MAX_VARS_SIZE,
+    meter_provider: metrics.MeterProvider | None = None,
+) -> _CarrierT:
+    """Write the trace and the selected ContextVars of a context into ``carrier``.
+
+    Semantics:
+        Reads ``context`` (None: the calling context): its current span, its fake trace id,
+        its baggage, and the value of each ContextVar in ``vars`` plus the registered ones.
+        Writes, as strings:
+
+        - the span context as ``traceparent``/``tracestate`` (W3C Trace Context), or in the
+          format of ``propagator``, when the current span is valid;
+        - the fake trace id as ``ctxkit-trace-id`` when there is no valid span but a fake id;
+        - the vars that are set, as one JSON object under ``ctxkit-vars`` keyed by
+          ``ContextVar.name`` (ASCII, compact); unset vars are left out;
+        - with ``baggage=True``, the baggage as W3C ``baggage``: at most 64 members and 8192
+          bytes; members that do not fit, or whose key is not a token, are dropped (counted).
+
+        The keys ctxkit owns (those above) are replaced as a set: an owned key not written
+        this time is removed, so a carrier reused for a retry never mixes two contexts. Every
+        other key is left as it is. Everything is validated before the carrier is touched, so
+        an exception leaves it unchanged.
+
+    Args:
+        carrier: The mutable mapping to write into (a job's labels, headers).
+        vars: ContextVars to carry, besides the registered ones.
+        context: The context to read; None means the calling one.
+        baggage: Also carry OpenTelemetry baggage. Off by default: baggage can hold user data,
+            and carriers are often stored durably.
+        propagator: Writes the trace instead of W3C Trace Context (B3, a vendor format).
+        max_vars_size: Limit of the ``ctxkit-vars`` value, in bytes.
+        meter_provider: Where to count dropped baggage; None means the global provider.
+
+    Returns:
+        ``carrier`` itself.
+
+    Raises:
+        TypeError: ``carrier`` is not a mutable mapping, an element of ``vars`` is not a
+            ContextVar, ``context`` is not a Context, or a carried var's value is not
+            JSON-representable (the message names the var).
+        ValueError: Two selected vars share a name, or ``ctxkit-vars`` would exceed
+            ``max_vars_size`` bytes or hold more than ``MAX_VARS`` vars.
+    """
+    if not isinstance(carrier, MutableMapping):
+        raise TypeError(f"inject() writes into a mutable mapping such as a dict, got {carrier!r}")
+    selected = _selected(vars, "inject")
+    _check_options(max_vars_size, propagator)
+    if context is None:
+        values = [var.get(_MISSING) for var in selected]
+        otel = otel_context.get_current()
+        fake = fake_trace_id_var.get(None)
+    elif isinstance(context, Context):
+        values = [context.get(var, _MISSING) for var in selected]
+        otel = context.run(otel_context.get_current)
+        fake = context.get(fake_trace_id_var)
+    else:
+        raise TypeError(
+            f"context must be a contextvars.Context or None, got {context!r}; "
+            "use contextvars.copy_context() to capture one"
+        )
+
+    written: dict[str, str] = {}
+    span = trace.get_current_span(otel)
+    # The propagator sees the span alone: baggage travels only through baggage=True.
+    (_W3C if propagator is None else propagator).inject(
+        written, context=trace.set_span_in_context(span, otel_context.Context())
+    )
+    if not span.get_span_context().is_valid and fake is not None:
+        written[TRACE_ID] = fake
+    encoded = _encode_vars(selected, values, max_vars_size)
+    if encoded is not None:
+        written[VARS] = encoded
+    if baggage:
+        text, dropped = _encode_baggage(otel)
+        if text:
+            written[BAGGAGE] = text
+        if dropped:
+            _report([_BAGGAGE_DROPPED] * dropped, meter_provider)
+
+    for key in _owned_keys(propagator, baggage):
+        if key not in written:
+            carrier.pop(key, None)
+    carrier.update(written)
+    return carrier
+
+
+def _encode_vars(
+    selected: tuple[ContextVar[Any], ...], values: list[object], limit: int
+) -> str | None:
+    parts: list[str] = []
+    for var, value in zip(selected, values, strict=True):
+        if value is _MISSING:
+            continue
+        try:
+            text = json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise TypeError(
+                f"cannot carry the ContextVar {var.name!r}: its value {value!r:.200} is not "
+                f"JSON-representable ({exc}); carry an id or a plain dict/list/str/number instead"
+            ) from exc
+        parts.append(f"{json.dumps(var.name)}:{text}")
+    if not parts:
+        return None
+    if len(parts) > MAX_VARS:
+        raise ValueError(f"cannot carry {len(parts)} ContextVars: at most {MAX_VARS} fit")
+    result = "{" + ",".join(parts) + "}"
+    if len(result) > limit:  # ASCII: one character is one byte
+        raise ValueError(
+            f"the carried ContextVars take {len(result)} bytes as JSON, over the "
+            f"max_vars_size limit of {limit}; carry ids instead of large values, or raise "
+            "max_vars_size on both sides"
+        )
+    return result
+
+
+def _encode_baggage(otel: otel_context.Context) -> tuple[str, int]:
+    """Return the W3C baggage string of ``otel`` and how many members were dropped."""
+    members: list[str] = []
+    size = -1
+    dropped = 0
+    for key, value in otel_baggage.get_all(otel).items():
+        if not _TOKEN_RE.fullmatch(key):
+            dropped += 1
+            continue
+        try:
+            member = f"{key}={quote(str(value), safe='')}"
+        except UnicodeEncodeError:  # a lone surrogate
+            dropped += 1
+            continue
+        if len(members) >= MAX_BAGGAGE_MEMBERS or size + 1 + len(member) > MAX_BAGGAGE_SIZE:
+            dropped += 1
+            continue
+        members.append(member)
+        size += 1 + len(member)
+    return ",".join(members), dropped
+
+
+# --- reading an untrusted carrier ---------------------------------------------------------------
+
+
+class _Parsed(NamedTuple):
+    values: list[tuple[ContextVar[Any], object]]
+    remote: trace.SpanContext | None  # the valid remote span context, if any
+    baggage: dict[str, str] | None
+    fake: str | None  # the carrier's valid fake trace id
+
+
+_NOTHING: Final = _Parsed([], None, None, None)
+
+
+class _Unreadable(Exception):
+    """The carrier's ``get`` raised: nothing more is read from it."""
+
+
+def _get(carrier: Mapping[str, object], key: str) -> object:
+    try:
+        return carrier.get(key)
+    except Exception as exc:  # a mapping's get must not break the worker
+        raise _Unreadable from exc
+
+
+def _parse(
+    carrier: object,
+    selected: tuple[ContextVar[Any], ...],
+    baggage: bool,
+    propagator: TextMapPropagator | None,
+    max_vars_size: int,
+    reasons: list[str],
+) -> _Parsed:
+    """Read ``carrier``; append why anything was ignored to ``reasons``. Never raises."""
+    if not isinstance(carrier, Mapping):
+        reasons.append(_NOT_MAPPING)
+        return _NOTHING
+    remote = _parse_trace(carrier, propagator, reasons)
+    if _UNREADABLE in reasons:
+        return _NOTHING
+    try:
+        fake = None
+        if remote is None:
+            raw = _get(carrier, TRACE_ID)
+            if raw is not None:
+                if isinstance(raw, str) and _FAKE_ID_RE.fullmatch(raw) and raw != _ZERO_ID:
+                    fake = raw
+                else:
+                    reasons.append(_TRACE_ID_INVALID)
+        values: list[tuple[ContextVar[Any], object]] = []
+        raw = _get(carrier, VARS)
+        if raw is not None:
+            decoded = _decode_vars(raw, max_vars_size, reasons)
+            if decoded:
+                for var in selected:
+                    value = decoded.get(var.name, _MISSING)
+                    if value is not _MISSING:
+                        values.append((var, value))
+        entries = None
+        if baggage:
+            raw = _get(carrier, BAGGAGE)
+            if raw is not None:
+                entries = _decode_baggage(raw, reasons)
+    except _Unreadable:
+        reasons.append(_UNREADABLE)
+        return _NOTHING
+    return _Parsed(values, remote, entries, fake)
+
+
+def _parse_trace(
+    carrier: Mapping[str, object], propagator: TextMapPropagator | None, reasons: list[str]
+) -> trace.SpanContext | None:
+    if propagator is None:
+        otel, found = _W3C.extract_with_reasons(carrier, otel_context.Context())
+        reasons.extend(found)
+    else:
+        try:
+            otel = propagator.extract(carrier, context=otel_context.Context())
+            span_context = trace.get_current_span(otel).get_span_context()
+        except Exception:  # a third-party propagator must not break the worker
+            reasons.append(_PROPAGATOR_FAILED)
+            return None
+        return span_context if span_context.is_valid else None
+    span_context = trace.get_current_span(otel).get_span_context()
+    return span_context if span_context.is_valid else None
+
+
+class _PairsHook:
+    """``object_pairs_hook`` noting whether the last object parsed (the outermost) repeats a key."""
+
+    __slots__ = ("duplicated",)
+
+    def __init__(self) -> None:
+        self.duplicated = False
+
+    def __call__(self, pairs: list[tuple[str, object]]) -> dict[str, object]:
+        result = dict(pairs)
+        self.duplicated = len(result) != len(pairs)
+        return result
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _decode_vars(raw: object, limit: int, reasons: list[str]) -> dict[str, object] | None:
+    if not isinstance(raw, str):
+        reasons.append(_VARS_NOT_STRING)
+        return None
+    # Bound the work before parsing: characters first, then UTF-8 bytes when not ASCII.
+    if len(raw) > limit or (
+        not raw.isascii() and len(raw.encode("utf-8", "surrogatepass")) > limit
+    ):
+        reasons.append(_VARS_TOO_LARGE)
+        return None
+    hook = _PairsHook()
+    try:
+        decoded = json.loads(raw, object_pairs_hook=hook, parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # JSONDecodeError, int digit limit, nesting
+        reasons.append(_VARS_INVALID_JSON)
+        return None
+    if not isinstance(decoded, dict):
+        reasons.append(_VARS_NOT_OBJECT)
+        return None
+    if hook.duplicated:
+        reasons.append(_VARS_DUPLICATE)
+        return None
+    if len(decoded) > MAX_VARS:
+        reasons.append(_VARS_TOO_MANY)
+        return None
+    return decoded
+
+
+def _decode_baggage(raw: object, reasons: list[str]) -> dict[str, str] | None:
+    if not isinstance(raw, str):
+        reasons.append(_BAGGAGE_NOT_STRING)
+        return None
+    if len(raw) > MAX_BAGGAGE_SIZE or (
+        not raw.isascii() and len(raw.encode("utf-8", "surrogatepass")) > MAX_BAGGAGE_SIZE
+    ):
+        reasons.append(_BAGGAGE_TOO_LARGE)
+        return None
+    if not raw.strip(_OWS):
+        return None
+    members = raw.split(",")
+    if len(members) > MAX_BAGGAGE_MEMBERS:
+        reasons.append(_BAGGAGE_TOO_MANY)
+        return None
+    entries: dict[str, str] = {}
+    for member in members:
+        match = _MEMBER_RE.fullmatch(member.strip(_OWS))
+        if match is None:
+            reasons.append(_BAGGAGE_INVALID)
+            return None
+        try:
+            entries[match[1]] = unquote(match[2], errors="strict")
+        except UnicodeDecodeError:
+            reasons.append(_BAGGAGE_INVALID)
+            return None
+    return entries
+
+
+def _otel_for(parsed: _Parsed, base: otel_context.Context) -> otel_context.Context:
+    """Return ``base`` with the remote span (or none) current and the carrier's baggage."""
+    span = trace.INVALID_SPAN if parsed.remote is None else trace.NonRecordingSpan(parsed.remote)
+    result = trace.set_span_in_context(span, base)
+    if parsed.baggage is not None:
+        for key, value in parsed.baggage.items():
+            result = otel_baggage.set_baggage(key, value, result)
+    return result
+
+
+# --- extract -------------------------------------------------------------------------------------
+
+
+def extract(
+    carrier: object,
+    *,
+    vars: Iterable[ContextVar[Any]] = (),
+    baggage: bool = False,
+    propagator: TextMapPropagator | None = None,
+    max_vars_size: int = MAX_VARS_SIZE,
+    meter_provider: metrics.MeterProvider | None = None,
+) -> Context:
+    """Return a detached Context holding what ``carrier`` carries, like ``clone_without_span``.
+
+    Semantics:
+        The carrier is untrusted input. Nothing in it is evaluated or unpickled, and nothing
+        in it makes this function raise: a missing key, a non-string value, invalid JSON, a
+        value of the wrong shape or over its size limit, a ``traceparent`` that W3C Trace
+        Context Level 2 calls invalid, a carrier that is not a mapping at all -- each is
+        ignored, counted in ``ctxkit.propagation.rejected`` with its ``ctxkit.reason``, and
+        logged once per process and reason on the ``ctxkit`` logger.
+
+        The result is a new ``contextvars.Context``. It holds, for each ContextVar in
+        ``vars`` plus the registered ones whose ``name`` is in ``ctxkit-vars``, the carried
+        JSON value; every other ContextVar is unset in it, and other names in the carrier are
+        ignored. Its current OpenTelemetry span is the carrier's remote span context, so spans
+        started in it are children of the producer's span; without a valid one it carries the
+        carrier's fake trace id, or a new one, for log correlation. With ``baggage=True`` it
+        also holds the carrier's baggage. Restored values are plain JSON values (a tuple was
+        sent as a list); validate them where a var's type matters.
+
+    Args:
+        carrier: The mapping to read (a job's labels, headers); anything else is ignored.
+        vars: ContextVars that may be restored, besides the registered ones.
+        baggage: Also restore W3C baggage.
+        propagator: Reads the trace instead of W3C Trace Context (B3, a vendor format); if
+            it raises, the trace is ignored.
+        max_vars_size: Limit of the ``ctxkit-vars`` value, in bytes; a larger one is ignored.
+        meter_provider: Where to count rejected input; None means the global provider.
+
+    Returns:
+        A new ``contextvars.Context``.
+
+    Raises:
+        TypeError: An element of ``vars`` is not a ContextVar, or an option has a wrong type.
+        ValueError: Two selected vars share a name, or ``max_vars_size`` is too small.
+    """
+    selected = _selected(vars, "extract")
+    _check_options(max_vars_size, propagator)
+    reasons: list[str] = []
+    parsed = _parse(carrier, selected, baggage, propagator, max_vars_size, reasons)
+    if reasons:
+        _report(reasons, meter_provider)
+    fake = None
+    if parsed.remote is None:
+        fake = parsed.fake if parsed.fake is not None else new_fake_trace_id()
+    result = Context()
+    result.run(_install, parsed.values, _otel_for(parsed, otel_context.Context()), fake)
+    return result
+
+
+def _install(
+    values: list[tuple[ContextVar[Any], object]], otel: otel_context.Context, fake: str | None
+) -> None:
+    for var, value in values:
+        var.set(value)
+    otel_context.attach(otel)  # the context is new and private: its token is never needed
+    if fake is not None:
+        fake_trace_id_var.set(fake)
+
+
+# --- consume -------------------------------------------------------------------------------------
+
+
+def consume(
+    carrier: object,
+    name: str,
+    *,
+    vars: Iterable[ContextVar[Any]] = (),
+    propagation: Propagation = "child",
+    system: str | None = None,
+    baggage: bool = False,
+    propagator: TextMapPropagator | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
+    max_vars_size: int = MAX_VARS_SIZE,
+    meter_provider: metrics.MeterProvider | None = None,
+    attributes: Mapping[str, AttributeValue] | None = None,
+) -> ConsumeScope:
+    """Return a context manager that runs its block as the processing of one carried job.
+
+    Use it as ``with consume(carrier, "emails") as span:`` or ``async with``.
+
+    Semantics:
+        On entry it reads ``carrier`` exactly as ``extract`` does (untrusted input: never
+        raises, bad entries ignored, counted and logged once) and, in the *current* context,
+        sets the carried ContextVars that ``vars`` or the registry allow and makes a new span
+        current: ``process {name}``, kind CONSUMER, with ``messaging.operation.type =
+        "process"``, ``messaging.destination.name = name``, ``messaging.system = system``
+        (when given), ``ctxkit.async = True`` and ``attributes``. The span's relation to the
+        producer's span follows ``propagation``:
+
+        - ``"child"`` (default): its parent is the producer's span (same trace id);
+        - ``"link"``: it starts a new trace with one link to the producer's span -- for work
+          that runs long after the request, or fans out;
+        - ``"none"``: it starts a new trace, unrelated.
+
+        Without a valid remote span the span is a new root. When tracing is a no-op, a
+        ``"child"`` block keeps the producer's span context current (its trace id reaches
+        logs and further injects); when no valid span is current at all, the block gets the
+        carrier's fake trace id (``"child"``) or a new one.
+
+        An exception escaping the block sets the span's status to ERROR, records it with
+        ``error.type``, and propagates. On exit the span ends and everything entry set is
+        put back: the ContextVar tokens are reset and the OpenTelemetry context detached.
+        Those resets only work in the context they were made in: enter and leave the block
+        in the same task (a plain ``with``/``async with`` does). A scope is single-use.
+
+    Args:
+        carrier: The mapping to read (a job's labels, headers); anything else is ignored.
+        name: The destination: a queue or task name, used in the span name.
+        vars: ContextVars that may be restored, besides the registered ones.
+        propagation: ``"child"``, ``"link"`` or ``"none"``.
+        system: The ``messaging.system`` attribute (``"taskiq"``, ``"celery"``), if any.
+        baggage: Also restore W3C baggage (it replaces the current baggage in the block).
+        propagator: Reads the trace instead of W3C Trace Context (B3, a vendor format).
+        tracer_provider: Where to create the span; None means the global provider.
+        max_vars_size: Limit of the ``ctxkit-vars`` value, in bytes; a larger one is ignored.
+        meter_provider: Where to count rejected input; None means the global provider.
+        attributes: More attributes for the span, set at its start (``messaging.message.id``).
+
+    Returns:
+        A ``ConsumeScope``; entering it returns the CONSUMER span.
+
+    Raises:
+        TypeError: ``name`` is not a string, an element of ``vars`` is not a ContextVar, or
+            an option has a wrong type.
+        ValueError: ``propagation`` is not accepted, two selected vars share a name, or
+            ``max_vars_size`` is too small.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"consume() takes the destination name as a str, got {name!r}")
+    if system is not None and not isinstance(system, str):
+        raise TypeError(f"system must be a str or None, got {system!r}")
+    check_propagation(propagation)
+    selected = _selected(vars, "consume")
+    _check_options(max_vars_size, propagator)
+    span_attributes: dict[str, AttributeValue] = {
+        "messaging.operation.type": "process",
+        "messaging.destination.name": name,
+        "ctxkit.async": True,
+    }
+    if system is not None:
+        span_attributes["messaging.system"] = system
+    if attributes:
+        span_attributes.update(attributes)
+    return ConsumeScope(
+        carrier,
+        f"process {name}",
+        selected,
+        propagation,
+        baggage,
+        propagator,
+        get_tracer(tracer_provider),
+        max_vars_size,
+        meter_provider,
+        span_attributes,
+    )
+
+
+class ConsumeScope:
+    """The context manager ``consume()`` returns; see ``consume`` for what it does."""
+
+    __slots__ = (
+        "_attributes",
+        "_baggage",
+        "_carrier",
+        "_entered",
+        "_fake_token",
+        "_max_vars_size",
+        "_meter_provider",
+        "_otel_token",
+        "_propagation",
+        "_propagator",
+        "_selected",
+        "_span",
+        "_span_name",
+        "_tokens",
+        "_tracer",
+    )
+
+    def __init__(
+        self,
+        carrier: object,
+        span_name: str,
+        selected: tuple[ContextVar[Any], ...],
+        propagation: Propagation,
+        baggage: bool,
+        propagator: TextMapPropagator | None,
+        tracer: trace.Tracer,
+        max_vars_size: int,
+        meter_provider: metrics.MeterProvider | None,
+        attributes: dict[str, AttributeValue],
+    ) -> None:
+        self._carrier = carrier
+        self._span_name = span_name
+        self._selected = selected
+        self._propagation: Propagation = propagation
+        self._baggage = baggage
+        self._propagator = propagator
+        self._tracer = tracer
+        self._max_vars_size = max_vars_size
+        self._meter_provider = meter_provider
+        self._attributes = attributes
+        self._entered = False
+        self._span: trace.Span = trace.INVALID_SPAN
+        self._tokens: list[tuple[ContextVar[Any], Token[Any]]] = []
+        self._otel_token: Token[otel_context.Context] | None = None
+        self._fake_token: Token[str] | None = None
+
+    def __enter__(self) -> trace.Span:
+        if self._entered:
+            raise RuntimeError("a consume() scope can be entered only once; call consume() again")
+        self._entered = True
+        reasons: list[str] = []
+        parsed = _parse(
+            self._carrier,
+            self._selected,
+            self._baggage,
+            self._propagator,
+            self._max_vars_size,
+            reasons,
+        )
+        self._carrier = None  # do not keep the job's metadata alive
+        if reasons:
+            _report(reasons, self._meter_provider)
+        propagation = self._propagation
+        span = start_span(
+            self._tracer,
+            self._span_name,
+            _otel_for(parsed, otel_context.Context()),
+            propagation,
+            attributes=self._attributes,
+            kind=trace.SpanKind.CONSUMER,
+        )
+        self._span = span
+        current: trace.Span = span
+        if not span.get_span_context().is_valid and propagation == "child":
+            # No-op tracing: keep the producer's span context for logs and further injects.
+            current = (
+                trace.INVALID_SPAN
+                if parsed.remote is None
+                else trace.NonRecordingSpan(parsed.remote)
+            )
+        self._tokens = [(var, var.set(value)) for var, value in parsed.values]
+        otel = trace.set_span_in_context(current, otel_context.get_current())
+        if self._baggage:
+            otel = otel_baggage.clear(otel)
+            for key, value in (parsed.baggage or {}).items():
+                otel = otel_baggage.set_baggage(key, value, otel)
+        self._otel_token = otel_context.attach(otel)
+        if not current.get_span_context().is_valid:
+            fake = parsed.fake if propagation == "child" else None
+            self._fake_token = fake_trace_id_var.set(fake or new_fake_trace_id())
+        return span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        span = self._span
+        if exc is not None and not isinstance(exc, GeneratorExit):
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            span.record_exception(exc)
+            span.set_attribute("error.type", type(exc).__qualname__)
+        span.end()
+        token = self._otel_token
+        if token is not None:
+            self._otel_token = None
+            otel_context.detach(token)
+        fake_token = self._fake_token
+        if fake_token is not None:
+            self._fake_token = None
+            fake_trace_id_var.reset(fake_token)
+        tokens = self._tokens
+        self._tokens = []
+        for var, var_token in reversed(tokens):
+            var.reset(var_token)
+
+    async def __aenter__(self) -> trace.Span:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
