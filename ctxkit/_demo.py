@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 
-from ._clone import register
+from ._clone import register, unregister
 from ._logging import TraceIdFilter
 from ._runner import BackgroundRunner
 from ._spawn import fire_and_forget, spawn
@@ -34,7 +34,8 @@ tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant")
 db_session: contextvars.ContextVar[str] = contextvars.ContextVar("db_session")
 
 log = logging.getLogger("demo.app")
-tracer = trace.get_tracer("demo.app")
+#: The app's tracer; ``run_demo`` points it at the demo's own provider (never the global one).
+tracer: trace.Tracer = trace.NoOpTracer()
 
 
 def _rule(title: str) -> None:
@@ -180,7 +181,12 @@ def _print_span(
 
 
 def run_demo() -> None:
-    """Run the demo and print its story to stdout."""
+    """Run the demo and print its story to stdout.
+
+    It uses a TracerProvider of its own, passed explicitly, and leaves the global OpenTelemetry
+    state, the registered vars and the logging configuration as it found them.
+    """
+    global tracer
     try:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -193,7 +199,7 @@ def run_demo() -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
+    tracer = provider.get_tracer("demo.app")
     register(request_id, tenant)  # carried into every background task; db_session is not
 
     handler = logging.StreamHandler(sys.stdout)
@@ -201,6 +207,7 @@ def run_demo() -> None:
     handler.setFormatter(logging.Formatter("trace=%(trace_id)-32s %(name)-8s %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
+    level = root.level
     root.setLevel(logging.INFO)
 
     print("ctxkit demo: a web app spawns background work from its requests.")
@@ -211,6 +218,8 @@ def run_demo() -> None:
         runner = asyncio.run(serve(provider))
     finally:
         root.removeHandler(handler)
+        root.setLevel(level)
+        unregister(request_id, tenant)
     provider.force_flush()
 
     _rule("Traces: the exported spans of each trace, as a tree")
