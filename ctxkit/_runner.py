@@ -559,8 +559,8 @@ class BackgroundRunner:
                 # Only the implicit runner needs this: asyncio.run may cancel its tasks before
                 # their first step, with no shutdown of ours to account for them. An entered
                 # runner's shutdown finds such tasks itself (see _cancel).
-                impl.add_done_callback(task.impl_done)
-            task.impl = impl
+                impl.add_done_callback(task._impl_done_callback)
+            task._impl = impl
         else:
             assert self._task_group is not None
             self._task_group.create_task(
@@ -600,7 +600,7 @@ class BackgroundRunner:
             self._finish(task, TaskOutcome.ERROR, exception=exc)
             # The loop re-raises it; retrieve it from the task afterwards, so asyncio does not
             # also log "exception was never retrieved" for what was reported already.
-            impl = task.impl
+            impl = task._impl
             if isinstance(impl, asyncio.Task):
                 impl.add_done_callback(_retrieve)
             raise
@@ -610,7 +610,7 @@ class BackgroundRunner:
     async def _run_anyio(self, task: BackgroundTask[Any]) -> None:
         coro = task._coro
         assert coro is not None
-        if task.cancel_requested:  # cancelled between spawn and its first step
+        if task._cancel_requested:  # cancelled between spawn and its first step
             coro.close()
             self._finish(task, TaskOutcome.CANCELLED)
             return
@@ -619,7 +619,7 @@ class BackgroundRunner:
         cancelled = anyio.get_cancelled_exc_class()
         try:
             with anyio.CancelScope(deadline=deadline) as scope:
-                task.impl = scope
+                task._impl = scope
                 result = await coro
         except cancelled:
             self._finish(task, TaskOutcome.CANCELLED)
@@ -631,12 +631,12 @@ class BackgroundRunner:
             raise
         else:
             if scope.cancelled_caught:
-                timed_out = not task.cancel_requested and anyio.current_time() >= deadline
+                timed_out = not task._cancel_requested and anyio.current_time() >= deadline
                 self._finish(task, TaskOutcome.TIMEOUT if timed_out else TaskOutcome.CANCELLED)
             else:
                 self._finish(task, TaskOutcome.OK, result=result)
 
-    def _impl_done(self, task: BackgroundTask[Any]) -> None:
+    def _account_unstarted(self, task: BackgroundTask[Any]) -> None:
         """Account for an asyncio task that was cancelled before its first step.
 
         ``asyncio.run`` (and anything else that cancels every task) may cancel a task before
@@ -650,17 +650,17 @@ class BackgroundRunner:
 
     def _cancel(self, task: BackgroundTask[Any]) -> None:
         """Cancel ``task`` (called by ``BackgroundTask.cancel`` for a task not yet ended)."""
-        task.cancel_requested = True
-        if not task._started and task in self._running and isinstance(task.impl, asyncio.Task):
+        task._cancel_requested = True
+        if not task._started and task in self._running and isinstance(task._impl, asyncio.Task):
             # Started on asyncio but not stepped yet: its wrapper coroutine will never run, so
             # account for it here; the done-callback sees the outcome and does nothing more.
             assert task._coro is not None
             task._coro.close()
             self._finish(task, TaskOutcome.CANCELLED)
-            task.impl.cancel()
+            task._impl.cancel()
         elif task in self._running:
-            if task.impl is not None:
-                task.impl.cancel()
+            if task._impl is not None:
+                task._impl.cancel()
         else:  # pending: it never ran
             self._pending.remove(task)
             self._metrics.pending.add(-1)
@@ -718,7 +718,7 @@ class BackgroundRunner:
                 task._timeout,
                 task.trace_id,
             )
-        elif outcome is TaskOutcome.CANCELLED and not task.cancel_requested:
+        elif outcome is TaskOutcome.CANCELLED and not task._cancel_requested:
             logger.warning(
                 "background task %r was cancelled from outside its runner before it finished "
                 "[trace_id=%s]",

@@ -99,10 +99,12 @@ class BackgroundTask(Generic[T]):
     """
 
     __slots__ = (
+        "_cancel_requested",
         "_context",
         "_coro",
         "_done_event",
         "_exception",
+        "_impl",
         "_outcome",
         "_result",
         "_runner",
@@ -111,8 +113,6 @@ class BackgroundTask(Generic[T]):
         "_spawned_at",
         "_started",
         "_timeout",
-        "cancel_requested",
-        "impl",
         "name",
     )
 
@@ -141,10 +141,10 @@ class BackgroundTask(Generic[T]):
         self._result: T | None = None
         self._exception: BaseException | None = None
         self._done_event: anyio.Event | None = None
-        #: The backend's object for the running task: an ``asyncio.Task`` or a cancel scope.
-        self.impl: asyncio.Task[None] | anyio.CancelScope | None = None
-        #: Set once ``cancel()`` was called (by the user or the runner's shutdown).
-        self.cancel_requested = False
+        # The backend's object for the running task: an ``asyncio.Task`` or a cancel scope.
+        self._impl: asyncio.Task[None] | anyio.CancelScope | None = None
+        # Set once ``cancel()`` was called (by the user or the runner's shutdown).
+        self._cancel_requested = False
 
     def __repr__(self) -> str:
         state = self._outcome or ("running" if self._started else "pending")
@@ -199,10 +199,10 @@ class BackgroundTask(Generic[T]):
         state = self._outcome or "still running"
         raise RuntimeError(f"background task {self.name!r} has no result: {state}")
 
-    def impl_done(self, impl: object) -> None:
+    def _impl_done_callback(self, impl: object) -> None:
         """Done-callback of the task's ``asyncio.Task`` (internal)."""
         if self._outcome is None:
-            self._runner._impl_done(self)
+            self._runner._account_unstarted(self)
 
     def cancel(self) -> bool:
         """Ask the runner to cancel the task.

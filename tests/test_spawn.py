@@ -296,8 +296,8 @@ class TestImplicitRunner:
         stray = ctxkit.spawn(wait_for, release, name="stray")
         other = ctxkit.spawn(wait_for, release)
         await anyio.lowlevel.checkpoint()
-        assert isinstance(stray.impl, asyncio.Task)
-        stray.impl.cancel()
+        assert isinstance(stray._impl, asyncio.Task)
+        stray._impl.cancel()
         assert await stray.wait() == "cancelled"
         assert ctxkit.current_runner().accepting
         release.set()
@@ -311,8 +311,8 @@ class TestImplicitRunner:
         release = anyio.Event()
         lone = ctxkit.spawn(wait_for, release, name="lone")
         await anyio.lowlevel.checkpoint()
-        assert isinstance(lone.impl, asyncio.Task)
-        lone.impl.cancel()
+        assert isinstance(lone._impl, asyncio.Task)
+        lone._impl.cancel()
         assert await lone.wait() == "cancelled"
         assert ctxkit.current_runner().accepting
         assert await ctxkit.spawn(noop).wait() == "ok"
