@@ -27,10 +27,8 @@ if TYPE_CHECKING:
 __all__ = [
     "PROPAGATIONS",
     "Propagation",
-    "current_span_id",
     "current_trace_id",
     "detached_otel_context",
-    "format_trace_id",
     "get_tracer",
     "new_fake_trace_id",
     "start_span",
@@ -76,11 +74,6 @@ def new_fake_trace_id() -> str:
             return value
 
 
-def format_trace_id(trace_id: int) -> str:
-    """Format an OpenTelemetry trace id as 32 lowercase hex characters."""
-    return f"{trace_id:032x}"
-
-
 def current_trace_id() -> str | None:
     """Return the trace id that log lines of the current context should carry.
 
@@ -92,14 +85,6 @@ def current_trace_id() -> str | None:
     if span_context.is_valid:
         return f"{span_context.trace_id:032x}"
     return fake_trace_id_var.get(None)
-
-
-def current_span_id() -> str | None:
-    """Return the current valid span's id as 16 lowercase hex characters, else None."""
-    span_context = trace.get_current_span().get_span_context()
-    if span_context.is_valid:
-        return f"{span_context.span_id:016x}"
-    return None
 
 
 def detached_otel_context(
