@@ -27,7 +27,7 @@ from ._trace import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from ._trace import Propagation
 
@@ -52,16 +52,17 @@ _registered: tuple[ContextVar[Any], ...] = ()
 # Single-entry caches, each replaced as a whole tuple (safe to read from any thread). They keep
 # the most recent clone's *selected* values (and its span and baggage) alive until the next
 # clone; values that were not selected are never referenced. docs/cloning.md says so.
-# (selection, values, base context holding just the vars)
-_base_cache: tuple[tuple[ContextVar[Any], ...], tuple[object, ...], Context] | None = None
-# (selection, values, weakref to the source OTel context, source fake id, finished clone)
+# (plan, values, base context holding just the vars)
+_base_cache: tuple[_Plan, tuple[object, ...], Context] | None = None
+# (plan, values, weakref to the source OTel context, source fake id, finished clone, its span)
 _full_cache: (
     tuple[
-        tuple[ContextVar[Any], ...],
+        _Plan,
         tuple[object, ...],
         weakref.ref[otel_context.Context],
         str | None,
         Context,
+        trace.SpanContext,
     ]
     | None
 ) = None
@@ -155,20 +156,74 @@ def selection(vars: tuple[object, ...], caller: str) -> tuple[ContextVar[Any], .
     return result
 
 
+class _Plan:
+    """What is worked out once per selection: an unrolled reader and an identity comparison.
+
+    Reading k ContextVars in a Python loop costs several times what k unrolled ``.get()``
+    calls cost, and this runs on every spawn, so small selections get straight-line code
+    generated for them (as ``dataclasses`` does for ``__init__``); large ones use loops.
+    """
+
+    __slots__ = ("read", "same", "vars")
+
+    def __init__(self, selected: tuple[ContextVar[Any], ...]) -> None:
+        self.vars = selected
+        count = len(selected)
+        self.read: Callable[[], tuple[object, ...]]
+        self.same: Callable[[tuple[object, ...], tuple[object, ...]], bool]
+        if count > _UNROLL_LIMIT:
+            self.read = lambda: tuple([var.get(_MISSING) for var in selected])
+            self.same = lambda a, b: all(map(is_, a, b))
+            return
+        names = [f"_v{i}" for i in range(count)]
+        gets = "".join(f"{name}.get(_M), " for name in names)
+        checks = " and ".join(f"a[{i}] is b[{i}]" for i in range(count)) or "True"
+        source = (
+            f"def read({''.join(f'{name}={name}, ' for name in names)}_M=_M):\n"
+            f"    return ({gets})\n"
+            f"def same(a, b):\n"
+            f"    return {checks}\n"
+        )
+        namespace: dict[str, Any] = dict(zip(names, selected, strict=True), _M=_MISSING)
+        exec(source, namespace)  # the code is built from integers only, never from user text
+        self.read = namespace["read"]
+        self.same = namespace["same"]
+
+
+_UNROLL_LIMIT: Final = 16
+_MAX_PLANS: Final = 256
+_plans: dict[tuple[ContextVar[Any], ...], _Plan] = {}
+_last_plan: _Plan = _Plan(())
+
+
+def _plan(selected: tuple[ContextVar[Any], ...]) -> _Plan:
+    global _last_plan
+    plan = _last_plan
+    if plan.vars is selected:
+        return plan
+    found = _plans.get(selected)
+    if found is None:
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        found = _plans[selected] = _Plan(selected)
+    _last_plan = found
+    return found
+
+
 def _read(
     selected: tuple[ContextVar[Any], ...], source: Context | None
-) -> tuple[tuple[object, ...], otel_context.Context, str | None]:
-    """Return the selected vars' values, the OTel context and the fake id of ``source``."""
+) -> tuple[_Plan, tuple[object, ...], otel_context.Context, str | None]:
+    """Return the plan, the selected vars' values, the OTel context and the fake id."""
+    plan = _plan(selected)
     if source is None:
-        values = tuple([var.get(_MISSING) for var in selected])
-        return values, otel_context.get_current(), fake_trace_id_var.get(None)
+        return plan, plan.read(), otel_context.get_current(), fake_trace_id_var.get(None)
     if not isinstance(source, Context):
         raise TypeError(
             f"context must be a contextvars.Context or None, got {source!r}; "
             "use contextvars.copy_context() to capture one"
         )
     values = tuple([source.get(var, _MISSING) for var in selected])
-    return values, otel_of(source), source.get(fake_trace_id_var)
+    return plan, values, otel_of(source), source.get(fake_trace_id_var)
 
 
 def otel_of(source: Context) -> otel_context.Context:
@@ -187,10 +242,6 @@ def otel_of(source: Context) -> otel_context.Context:
         return otel_context.Context()
 
 
-def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
-    return len(a) == len(b) and all(map(is_, a, b))
-
-
 def _set_vars(selected: tuple[ContextVar[Any], ...], values: tuple[object, ...]) -> None:
     for var, value in zip(selected, values, strict=True):
         if value is not _MISSING:
@@ -203,16 +254,16 @@ def _install(otel: otel_context.Context, fake: str | None) -> None:
         fake_trace_id_var.set(fake)
 
 
-def _base(selected: tuple[ContextVar[Any], ...], values: tuple[object, ...]) -> Context:
+def _base(plan: _Plan, values: tuple[object, ...]) -> Context:
     """Return a new Context holding just the selected vars (a copy of a cached one if possible)."""
     global _base_cache
     cached = _base_cache
-    if cached is not None and cached[0] == selected and _same(cached[1], values):
+    if cached is not None and cached[0] is plan and plan.same(cached[1], values):
         return cached[2].copy()
     base = Context()
-    if selected:
-        base.run(_set_vars, selected, values)
-    _base_cache = (selected, values, base)
+    if plan.vars:
+        base.run(_set_vars, plan.vars, values)
+    _base_cache = (plan, values, base)
     return base.copy()
 
 
@@ -221,25 +272,34 @@ def build_clone(
     source: Context | None,
     span: trace.Span | None = None,
     propagation: Propagation = "child",
-) -> Context:
+) -> tuple[Context, trace.SpanContext]:
     """Build a clone of ``source`` (None: the current context) carrying ``selected``.
 
     With ``span`` None the clone keeps the source's current span (``clone_without_span``);
     otherwise ``span`` becomes current in it, unless it is invalid (a no-op tracer), in which
     case a ``"child"`` clone keeps the source's span and other modes keep no span.
+
+    Returns:
+        The clone, and the span context current in it (invalid when only a fake id is there).
     """
     global _full_cache
-    values, otel_src, fake = _read(selected, source)
+    if source is None:  # the hot path, inlined
+        plan = _plan(selected)
+        values = plan.read()
+        otel_src = otel_context.get_current()
+        fake = fake_trace_id_var.get(None)
+    else:
+        plan, values, otel_src, fake = _read(selected, source)
     if span is None:
         cached = _full_cache
         if (
             cached is not None
-            and cached[0] == selected
+            and cached[0] is plan
             and cached[2]() is otel_src
             and cached[3] == fake
-            and _same(cached[1], values)
+            and plan.same(cached[1], values)
         ):
-            return cached[4].copy()
+            return cached[4].copy(), cached[5]
         current = trace.get_current_span(otel_src)
     elif span.get_span_context().is_valid:
         current = span
@@ -248,15 +308,16 @@ def build_clone(
     else:
         current = trace.INVALID_SPAN
     otel = detached_otel_context(otel_src, current)
-    result = _base(selected, values)
-    if current.get_span_context().is_valid or fake is not None:
+    result = _base(plan, values)
+    span_context = current.get_span_context()
+    if span_context.is_valid or fake is not None:
         result.run(_install, otel, fake)
         if span is None:
-            _full_cache = (selected, values, weakref.ref(otel_src), fake, result)
-            return result.copy()
-        return result
+            _full_cache = (plan, values, weakref.ref(otel_src), fake, result, span_context)
+            return result.copy(), span_context
+        return result, span_context
     result.run(_install, otel, new_fake_trace_id())
-    return result
+    return result, span_context
 
 
 def clone_without_span(*vars: ContextVar[Any], context: Context | None = None) -> Context:
@@ -287,7 +348,7 @@ def clone_without_span(*vars: ContextVar[Any], context: Context | None = None) -
     Raises:
         TypeError: An element of ``vars`` is not a ContextVar, or ``context`` is not a Context.
     """
-    return build_clone(selection(vars, "clone_without_span"), context)
+    return build_clone(selection(vars, "clone_without_span"), context)[0]
 
 
 def clone(
@@ -340,7 +401,7 @@ def clone(
         attributes=_MARKER_ATTRIBUTES,
     )
     marker.end()
-    return build_clone(selected, context, marker, propagation)
+    return build_clone(selected, context, marker, propagation)[0]
 
 
 def _otel_of(context: Context) -> otel_context.Context:

@@ -20,6 +20,7 @@ from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 
 import anyio
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
@@ -213,7 +214,9 @@ class BackgroundRunner:
         self._state: _State = "new"
         self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
-        self._running: set[BackgroundTask[Any]] = set()
+        # Running tasks in start order (a dict, not a set): shutdown cancels them in that
+        # order, which keeps waiters of one shared event cheap to wake.
+        self._running: dict[BackgroundTask[Any], None] = {}
         self._pending: deque[BackgroundTask[Any]] = deque()
         self._idle: anyio.Event | None = None
         self._spawned = self._ok = self._error = self._timeout = self._cancelled = 0
@@ -518,43 +521,39 @@ class BackgroundRunner:
         if name is None:
             name = getattr(coro, "__qualname__", None) or repr(coro)
         if span:
-            otel_current = trace.get_current_span()
             task_span = start_span(
                 self._tracer,
                 name,
-                trace.set_span_in_context(otel_current),
+                otel_context.get_current(),
                 propagation,
                 attributes={"ctxkit.async": True, "ctxkit.task.name": name},
             )
-            context = build_clone(selected, None, task_span, propagation)
-            span_context = task_span.get_span_context()
-            if not span_context.is_valid and propagation == "child":
-                span_context = otel_current.get_span_context()
+            context, span_context = build_clone(selected, None, task_span, propagation)
         else:
             task_span = None
-            context = build_clone(selected, None)
-            span_context = trace.get_current_span().get_span_context()
+            context, span_context = build_clone(selected, None)
         task = BackgroundTask(
             self, coro, name, context, task_span, span_context, timeout, time.perf_counter()
         )
         self._spawned += 1
         limit = self._limit
         if limit is None or len(self._running) < limit:
-            self._start(task)
+            self._start(task, 0.0)
         else:
             self._pending.append(task)
             self._metrics.pending.add(1)
         return task
 
-    def _start(self, task: BackgroundTask[Any]) -> None:
-        self._running.add(task)
-        self._metrics.active.add(1)
+    def _start(self, task: BackgroundTask[Any], waited: float) -> None:
+        """Start ``task``, which waited ``waited`` seconds for its slot (0.0: none)."""
+        self._running[task] = None
+        metrics = self._metrics
+        metrics.active.add(1)
+        metrics.wait.record(waited)
         if self._loop is not None:
             loop = self._loop()
             assert loop is not None
-            impl = loop.create_task(
-                self._run_asyncio(task), name=f"ctxkit:{task.name}", context=task._context
-            )
+            impl = loop.create_task(self._run_asyncio(task), name=task.name, context=task._context)
             if self._implicit:
                 # Only the implicit runner needs this: asyncio.run may cancel its tasks before
                 # their first step, with no shutdown of ours to account for them. An entered
@@ -564,7 +563,7 @@ class BackgroundRunner:
         else:
             assert self._task_group is not None
             self._task_group.create_task(
-                self._run_anyio(task), name=f"ctxkit:{task.name}", context=task._context
+                self._run_anyio(task), name=task.name, context=task._context
             )
 
     # -- running ---------------------------------------------------------------------------
@@ -572,10 +571,6 @@ class BackgroundRunner:
     def _begin(self, task: BackgroundTask[Any]) -> None:
         task._started = True
         _current_task.set(task)
-        waited = time.perf_counter() - task._spawned_at
-        self._metrics.wait.record(waited)
-        if task._span is not None and waited > 0.001:
-            task._span.add_event("ctxkit.task.started", {"ctxkit.task.wait_s": waited})
 
     async def _run_asyncio(self, task: BackgroundTask[Any]) -> None:
         self._begin(task)
@@ -690,15 +685,16 @@ class BackgroundRunner:
         else:
             self._cancelled += 1
         metrics = self._metrics
-        attributes = metrics.attributes(task.name, outcome.value)
+        value = _OUTCOME_VALUES[outcome]  # Enum.value is a slow property on Python 3.11
+        attributes = metrics.attributes(task.name, value)
         metrics.finished.add(1, attributes)
         if not was_pending:
-            self._running.discard(task)
+            self._running.pop(task, None)
             metrics.active.add(-1)
-            metrics.duration.record(time.perf_counter() - task._spawned_at, attributes)
+            metrics.duration.record(time.perf_counter() - task._started_at, attributes)
         span = task._span
         if span is not None:
-            span.set_attribute("ctxkit.task.outcome", outcome.value)
+            span.set_attribute("ctxkit.task.outcome", value)
             if exception is not None:
                 span.set_status(
                     Status(StatusCode.ERROR, f"{type(exception).__name__}: {exception}")
@@ -772,10 +768,19 @@ class BackgroundRunner:
             and (limit is None or len(self._running) < limit)
         ):
             self._metrics.pending.add(-1)
-            self._start(pending.popleft())
+            task = pending.popleft()
+            now = time.perf_counter()
+            waited = now - task._started_at  # until now, the time of its spawn
+            task._started_at = now
+            if task._span is not None:
+                task._span.add_event("ctxkit.task.started", {"ctxkit.task.wait_s": waited})
+            self._start(task, waited)
         if not pending and not self._running and self._idle is not None:
             self._idle.set()
             self._idle = None
+
+
+_OUTCOME_VALUES: Final = {outcome: outcome.value for outcome in TaskOutcome}
 
 
 def _retrieve(impl: asyncio.Task[None]) -> None:

@@ -110,8 +110,8 @@ class BackgroundTask(Generic[T]):
         "_runner",
         "_span",
         "_span_context",
-        "_spawned_at",
         "_started",
+        "_started_at",
         "_timeout",
         "name",
     )
@@ -125,7 +125,7 @@ class BackgroundTask(Generic[T]):
         span: trace.Span | None,
         span_context: trace.SpanContext,
         timeout: float | None,
-        spawned_at: float,
+        started_at: float,
     ) -> None:
         self.name: str = name
         """The task's name (``name=`` of ``spawn``, else the coroutine's ``__qualname__``)."""
@@ -135,7 +135,8 @@ class BackgroundTask(Generic[T]):
         self._span = span
         self._span_context = span_context
         self._timeout = timeout
-        self._spawned_at = spawned_at
+        # When it was spawned, then (if it had to wait for a slot) when it started.
+        self._started_at = started_at
         self._started = False
         self._outcome: TaskOutcome | None = None
         self._result: T | None = None

@@ -1,0 +1,170 @@
+"""Case 1: spawn and finish a batch of trivial tasks, no span, 4 vars carried.
+
+A batch spawns N tasks from one coroutine that has a valid current span (an instrumented
+request) and 4 vars set, then waits until the last task has run; ns/op is the batch time over
+N. Runners, schedulers and task groups are opened before the clock starts and closed after it
+stops, except the task groups, whose exit is how they wait (it is part of the batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import aiojobs
+import anyio
+from opentelemetry import trace
+
+import ctxkit
+
+from ._common import VARS, Batch, HandClone, StrongSet, now, request_span, set_vars, tick
+from ._harness import Target, Variant, measure
+
+if TYPE_CHECKING:
+    from ._harness import CaseResult, Settings
+
+TITLE = "spawn + finish, no span, 4 vars (asyncio)"
+
+BARE = "bare create_task"
+STRONG = "strong set + done-callback"
+HAND = "hand-written ctxkit equivalent"
+AIOJOBS = "aiojobs spawn (limit=100)"
+AIOJOBS_NONE = "aiojobs spawn (limit=None)"
+TASKGROUP = "asyncio.TaskGroup.create_task"
+ANYIO = "anyio TaskGroup.start_soon"
+CTXKIT = "ctxkit.spawn (limit=None)"
+CTXKIT_100 = "ctxkit.spawn (limit=100, default)"
+CTXKIT_NOTRACE = "ctxkit.spawn (limit=None, no span active)"
+
+
+def variants(n: int) -> list[Variant]:
+    """Return the variants of this case, each spawning ``n`` tasks per batch."""
+
+    async def bare() -> int:
+        batch = Batch(n, asyncio.Event())
+        with trace.use_span(request_span()):
+            t0 = now()
+            for _ in range(n):
+                asyncio.create_task(tick(batch))  # noqa: RUF006 - the point of the baseline
+            await batch.done.wait()
+            await asyncio.sleep(0)
+            return now() - t0
+
+    async def strong() -> int:
+        batch = Batch(n, asyncio.Event())
+        spawner = StrongSet()
+        with trace.use_span(request_span()):
+            t0 = now()
+            for _ in range(n):
+                spawner.spawn(tick(batch))
+            await batch.done.wait()
+            await asyncio.sleep(0)
+            return now() - t0
+
+    async def hand() -> int:
+        batch = Batch(n, asyncio.Event())
+        spawner = HandClone(VARS)
+        with trace.use_span(request_span()):
+            t0 = now()
+            for _ in range(n):
+                spawner.spawn(tick(batch))
+            await batch.done.wait()
+            await asyncio.sleep(0)
+            return now() - t0
+
+    def aiojobs_variant(limit: int | None) -> Variant:
+        async def run() -> int:
+            batch = Batch(n, asyncio.Event())
+            scheduler = aiojobs.Scheduler(limit=limit, pending_limit=max(n, 10_000))
+            try:
+                with trace.use_span(request_span()):
+                    t0 = now()
+                    for _ in range(n):
+                        await scheduler.spawn(tick(batch))
+                    await batch.done.wait()
+                    await asyncio.sleep(0)
+                    return now() - t0
+            finally:
+                await scheduler.close()
+
+        return Variant(AIOJOBS if limit == 100 else AIOJOBS_NONE, run, n)
+
+    async def taskgroup() -> int:
+        batch = Batch(n, asyncio.Event())
+        with trace.use_span(request_span()):
+            t0 = now()
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(n):
+                    tg.create_task(tick(batch))
+            return now() - t0
+
+    async def anyio_group() -> int:
+        batch = Batch(n, asyncio.Event())
+        with trace.use_span(request_span()):
+            t0 = now()
+            async with anyio.create_task_group() as tg:
+                for _ in range(n):
+                    tg.start_soon(tick, batch)
+            return now() - t0
+
+    def ctxkit_variant(name: str, limit: int | None, traced: bool = True) -> Variant:
+        async def run() -> int:
+            batch = Batch(n, asyncio.Event())
+            async with ctxkit.BackgroundRunner(limit=limit):
+                span = request_span() if traced else trace.INVALID_SPAN
+                with trace.use_span(span):
+                    t0 = now()
+                    for _ in range(n):
+                        ctxkit.spawn(tick(batch), span=False, vars=VARS)
+                    await batch.done.wait()
+                    await asyncio.sleep(0)
+                    return now() - t0
+
+        ref = AIOJOBS if limit == 100 else AIOJOBS_NONE
+        return Variant(name, run, n, ref=ref)
+
+    return [
+        Variant(BARE, bare, n),
+        Variant(STRONG, strong, n),
+        Variant(HAND, hand, n),
+        aiojobs_variant(100),
+        aiojobs_variant(None),
+        Variant(TASKGROUP, taskgroup, n),
+        Variant(ANYIO, anyio_group, n),
+        ctxkit_variant(CTXKIT, None),
+        ctxkit_variant(CTXKIT_100, 100),
+        ctxkit_variant(CTXKIT_NOTRACE, None, traced=False),
+    ]
+
+
+TARGETS = (
+    Target("spawn without span, 4 vars, <= 2.0x bare create_task", CTXKIT, BARE, 2.0),
+    Target("... default limit=100, <= 2.0x bare create_task", CTXKIT_100, BARE, 2.0),
+    Target("below aiojobs (both limit=100, the defaults)", CTXKIT_100, AIOJOBS, 1.0, True),
+    Target("below aiojobs (both limit=None)", CTXKIT, AIOJOBS_NONE, 1.0, True),
+)
+
+
+def run(settings: Settings) -> list[CaseResult]:
+    """Run case 1."""
+    n = 10_000
+    rounds = settings.pick_rounds(full=15, quick=3)
+
+    async def main() -> CaseResult:
+        set_vars()
+        return await measure(
+            "1",
+            f"{TITLE}, {n:,} tasks/batch",
+            variants(n),
+            baseline=BARE,
+            rounds=rounds,
+            targets=TARGETS,
+            notes=[
+                "limit=100 variants (ctxkit and aiojobs) use the default pending_limit=10,000: "
+                "100 tasks run and the other 9,900 wait in the queue",
+                "'no span active': no valid span in the caller, so each clone gets a new "
+                "fake trace id (os.urandom)",
+            ],
+        )
+
+    return [asyncio.run(main())]
