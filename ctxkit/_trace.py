@@ -8,6 +8,7 @@ wins over it.
 
 from __future__ import annotations
 
+import itertools
 import os
 import weakref
 from contextvars import ContextVar
@@ -66,10 +67,28 @@ def get_tracer(provider: trace.TracerProvider | None) -> trace.Tracer:
         return provider.get_tracer(_INSTRUMENTATION_NAME, __version__)
 
 
+_ID_BYTES: Final = 16
+_POOL_IDS: Final = 256  # ids drawn from one os.urandom call
+_id_counter = itertools.count()
+_id_pool: tuple[int, bytes] = (-1, b"")
+
+
 def new_fake_trace_id() -> str:
-    """Return a fresh fake trace id: 32 lowercase hex characters from ``os.urandom``, never zero."""
+    """Return a fresh fake trace id: 32 lowercase hex characters from ``os.urandom``, never zero.
+
+    One ``os.urandom`` call fills a pool of 256 ids (a system call per id would dominate the
+    cost of a clone). Each id takes its own slot, numbered by an ``itertools.count`` (whose
+    ``next`` is atomic), and a pool serves only the block of numbers it was drawn for, so two
+    calls never share a slot, from any thread.
+    """
+    global _id_pool
     while True:
-        value = os.urandom(16).hex()
+        block, slot = divmod(next(_id_counter), _POOL_IDS)
+        pool_block, pool = _id_pool
+        if pool_block != block:
+            pool = os.urandom(_ID_BYTES * _POOL_IDS)
+            _id_pool = (block, pool)
+        value = pool[slot * _ID_BYTES : (slot + 1) * _ID_BYTES].hex()
         if value != _ALL_ZERO_HEX:
             return value
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import itertools
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from opentelemetry import trace
@@ -44,7 +46,21 @@ class TestFakeTraceId:
         assert re.fullmatch(r"[0-9a-f]{32}", _trace.new_fake_trace_id())
 
     def test_all_zero_is_drawn_again(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """An all-zero draw from the random source is never returned."""
-        draws = iter([bytes(16), bytes(range(16))])
-        monkeypatch.setattr("ctxkit._trace.os.urandom", lambda n: next(draws))
+        """An all-zero slot of the random pool is skipped, never returned."""
+        pool = bytes(16) + bytes(range(16)) * 255
+        monkeypatch.setattr("ctxkit._trace.os.urandom", lambda n: pool[:n])
+        monkeypatch.setattr("ctxkit._trace._id_counter", itertools.count())
+        monkeypatch.setattr("ctxkit._trace._id_pool", (-1, b""))
         assert _trace.new_fake_trace_id() == bytes(range(16)).hex()
+
+    def test_ids_are_distinct_across_pools_and_threads(self) -> None:
+        """Ids drawn from many threads at once, across several pools, are all different."""
+        per_thread = 3 * _trace._POOL_IDS
+
+        def draw() -> list[str]:
+            return [_trace.new_fake_trace_id() for _ in range(per_thread)]
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(lambda _: draw(), range(4)))
+        ids = [value for result in results for value in result]
+        assert len(set(ids)) == len(ids) == 4 * per_thread
