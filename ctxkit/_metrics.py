@@ -5,8 +5,10 @@
 - ``ctxkit.tasks.finished`` (Counter, ``{task}``): ended tasks, by ``ctxkit.task.name`` and
   ``ctxkit.task.outcome``.
 - ``ctxkit.tasks.rejected`` (Counter, ``{task}``): spawns refused because the runner was full.
-- ``ctxkit.task.duration`` (Histogram, ``s``): how long tasks ran, same attributes as finished.
-- ``ctxkit.task.wait`` (Histogram, ``s``): how long tasks waited between spawn and start.
+- ``ctxkit.task.duration`` (Histogram, ``s``): how long tasks ran (start to end), same
+  attributes as finished.
+- ``ctxkit.task.wait`` (Histogram, ``s``): how long tasks waited for a free slot (0.0 for a
+  task that started at spawn).
 """
 
 from __future__ import annotations

@@ -423,9 +423,10 @@ class BackgroundRunner:
             (or a fake one), as ``clone_without_span``.
 
             The span starts at ``spawn`` and ends with the task, so time spent waiting for a
-            slot is inside it (an event ``ctxkit.task.started`` marks the start, and the
-            ``ctxkit.task.wait`` histogram measures the wait); ``timeout`` counts from the
-            start. Only the runner cancels the task (see the class docstring).
+            slot is inside it (for a task that had to wait, an event ``ctxkit.task.started``
+            marks its start; the ``ctxkit.task.wait`` histogram records every task's wait,
+            0.0 when it started at once); ``timeout`` counts from the start. Only the runner
+            cancels the task (see the class docstring).
 
         Args:
             coro_or_fn: A coroutine object, or an async function followed by its ``args``.

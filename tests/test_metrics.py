@@ -181,3 +181,22 @@ class TestInstruments:
             second.spawn(ok, name="ok")
         finished = read(metric_reader)["ctxkit.tasks.finished"]
         assert sums(finished) == {outcome("ok", "ok"): 2}
+
+
+@pytest.mark.anyio
+class TestWait:
+    async def test_wait_is_zero_unless_the_task_queued(
+        self, meter_provider: MeterProvider, metric_reader: InMemoryMetricReader
+    ) -> None:
+        """ctxkit.task.wait records 0.0 for a task started at spawn, the queue time otherwise."""
+        release = anyio.Event()
+        async with ctxkit.BackgroundRunner(limit=1, meter_provider=meter_provider) as runner:
+            runner.spawn(wait_for, release, name="first")
+            runner.spawn(wait_for, release, name="second")  # waits for first's slot
+            await anyio.lowlevel.checkpoint()
+            release.set()
+        (point,) = read(metric_reader)["ctxkit.task.wait"].data.data_points
+        assert isinstance(point, HistogramDataPoint)
+        assert point.count == 2
+        assert point.min == 0.0
+        assert point.max > 0.0
