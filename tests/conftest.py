@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -9,10 +9,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+import ctxkit
 from ctxkit import _clone
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from ._support import MakeRunner
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -45,6 +48,19 @@ def meter_provider(metric_reader: InMemoryMetricReader) -> Iterator[MeterProvide
     provider = MeterProvider(metric_readers=[metric_reader])
     yield provider
     provider.shutdown()
+
+
+@pytest.fixture
+def make_runner(tracer_provider: TracerProvider, meter_provider: MeterProvider) -> MakeRunner:
+    """Build runners that report to this test's tracer and meter providers."""
+
+    def make(**options: Any) -> ctxkit.BackgroundRunner:
+        options.setdefault("tracer_provider", tracer_provider)
+        options.setdefault("meter_provider", meter_provider)
+        options.setdefault("drain_timeout", 10.0)  # a failing test ends instead of hanging
+        return ctxkit.BackgroundRunner(**options)
+
+    return make
 
 
 @pytest.fixture(autouse=True)

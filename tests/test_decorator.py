@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import inspect
 import warnings
-from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -15,29 +14,15 @@ import pytest
 
 import ctxkit
 
+from ._support import TRIO_ONLY, MakeRunner
+
 if TYPE_CHECKING:
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.trace import TracerProvider
+    from collections.abc import Iterator
+
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 request_id: ContextVar[str] = ContextVar("test_decorator.request_id")
 tenant: ContextVar[str] = ContextVar("test_decorator.tenant")
-
-MakeRunner = Callable[..., ctxkit.BackgroundRunner]
-TRIO_ONLY = pytest.mark.parametrize("anyio_backend", ["trio"])
-
-
-@pytest.fixture
-def make_runner(tracer_provider: TracerProvider, meter_provider: MeterProvider) -> MakeRunner:
-    """Build runners that report to this test's providers (and never hang a failing test)."""
-
-    def make(**options: Any) -> ctxkit.BackgroundRunner:
-        options.setdefault("tracer_provider", tracer_provider)
-        options.setdefault("meter_provider", meter_provider)
-        options.setdefault("drain_timeout", 10.0)
-        return ctxkit.BackgroundRunner(**options)
-
-    return make
 
 
 @contextmanager

@@ -10,6 +10,8 @@ from opentelemetry.sdk.metrics.export import Histogram, HistogramDataPoint, Metr
 
 import ctxkit
 
+from ._support import wait_for
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -52,10 +54,6 @@ def counts(metric: Metric) -> dict[Attributes, int]:
 
 def outcome(name: str, value: str) -> Attributes:
     return key({"ctxkit.task.name": name, "ctxkit.task.outcome": value})
-
-
-async def wait_for(event: anyio.Event) -> None:
-    await event.wait()
 
 
 async def announce_then_wait(started: anyio.Event, event: anyio.Event) -> None:

@@ -6,12 +6,9 @@ import asyncio
 import dataclasses
 import functools
 import gc
-import inspect
 import logging
 import random
-import types
 import weakref
-from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -23,8 +20,11 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 import ctxkit
 
+from ._support import ASYNCIO_ONLY, MakeRunner, assert_identity, is_closed, wait_for
+
 if TYPE_CHECKING:
-    from opentelemetry.sdk.metrics import MeterProvider
+    from collections.abc import Coroutine, Iterator
+
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -32,24 +32,8 @@ request_id: ContextVar[str] = ContextVar("test_runner.request_id")
 tenant: ContextVar[str] = ContextVar("test_runner.tenant")
 secret: ContextVar[str] = ContextVar("test_runner.secret")
 
-MakeRunner = Callable[..., ctxkit.BackgroundRunner]
-ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", ["asyncio"])
-
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def make_runner(tracer_provider: TracerProvider, meter_provider: MeterProvider) -> MakeRunner:
-    """Build runners that report to this test's tracer and meter providers."""
-
-    def make(**options: Any) -> ctxkit.BackgroundRunner:
-        options.setdefault("tracer_provider", tracer_provider)
-        options.setdefault("meter_provider", meter_provider)
-        options.setdefault("drain_timeout", 10.0)  # a failing test ends instead of hanging
-        return ctxkit.BackgroundRunner(**options)
-
-    return make
 
 
 @contextmanager
@@ -66,19 +50,6 @@ def loop_errors() -> Iterator[list[dict[str, Any]]]:
         loop.set_exception_handler(previous)
 
 
-def assert_identity(stats: ctxkit.RunnerStatistics) -> None:
-    """Check the invariant every statistics() snapshot keeps."""
-    assert stats.spawned == (
-        stats.running + stats.pending + stats.ok + stats.error + stats.timeout + stats.cancelled
-    ), stats
-
-
-def is_closed(coro: Coroutine[Any, Any, Any]) -> bool:
-    """Tell whether ``coro`` was closed (so it can never warn "was never awaited")."""
-    assert isinstance(coro, types.CoroutineType)
-    return inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED and coro.cr_frame is None
-
-
 def spans_named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
     return [span for span in exporter.get_finished_spans() if span.name == name]
 
@@ -90,10 +61,6 @@ def hex_id(span_context: trace.SpanContext | None) -> str:
 
 def ctxkit_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "ctxkit" and r.levelno == level]
-
-
-async def wait_for(event: anyio.Event) -> None:
-    await event.wait()
 
 
 async def return_value(value: int) -> int:

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import inspect
 import logging
 import threading
-import types
-from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -17,48 +14,22 @@ import pytest
 
 import ctxkit
 
+from ._support import (
+    ASYNCIO_ONLY,
+    TRIO_ONLY,
+    MakeRunner,
+    assert_identity,
+    is_closed,
+    noop,
+    wait_for,
+)
+
 if TYPE_CHECKING:
-    from opentelemetry.sdk.metrics import MeterProvider
+    from collections.abc import Coroutine
+
     from opentelemetry.sdk.trace import TracerProvider
 
 request_id: ContextVar[str] = ContextVar("test_spawn.request_id")
-
-MakeRunner = Callable[..., ctxkit.BackgroundRunner]
-ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", ["asyncio"])
-TRIO_ONLY = pytest.mark.parametrize("anyio_backend", ["trio"])
-
-
-@pytest.fixture
-def make_runner(tracer_provider: TracerProvider, meter_provider: MeterProvider) -> MakeRunner:
-    """Build runners that report to this test's providers (and never hang a failing test)."""
-
-    def make(**options: Any) -> ctxkit.BackgroundRunner:
-        options.setdefault("tracer_provider", tracer_provider)
-        options.setdefault("meter_provider", meter_provider)
-        options.setdefault("drain_timeout", 10.0)
-        return ctxkit.BackgroundRunner(**options)
-
-    return make
-
-
-def is_closed(coro: Coroutine[Any, Any, Any]) -> bool:
-    """Tell whether ``coro`` was closed (so it can never warn "was never awaited")."""
-    assert isinstance(coro, types.CoroutineType)
-    return inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED and coro.cr_frame is None
-
-
-def assert_identity(stats: ctxkit.RunnerStatistics) -> None:
-    assert stats.spawned == (
-        stats.running + stats.pending + stats.ok + stats.error + stats.timeout + stats.cancelled
-    ), stats
-
-
-async def noop() -> None:
-    pass
-
-
-async def wait_for(event: anyio.Event) -> None:
-    await event.wait()
 
 
 async def hold_open(

@@ -1,0 +1,42 @@
+"""Helpers shared by the runner, spawn, decorator and metrics tests."""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+import ctxkit
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+    import anyio
+
+MakeRunner = Callable[..., ctxkit.BackgroundRunner]
+ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", ["asyncio"])
+TRIO_ONLY = pytest.mark.parametrize("anyio_backend", ["trio"])
+
+
+def assert_identity(stats: ctxkit.RunnerStatistics) -> None:
+    """Check the invariant every statistics() snapshot keeps."""
+    assert stats.spawned == (
+        stats.running + stats.pending + stats.ok + stats.error + stats.timeout + stats.cancelled
+    ), stats
+
+
+def is_closed(coro: Coroutine[Any, Any, Any]) -> bool:
+    """Tell whether ``coro`` was closed (so it can never warn "was never awaited")."""
+    assert isinstance(coro, types.CoroutineType)
+    return inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED and coro.cr_frame is None
+
+
+async def noop() -> None:
+    pass
+
+
+async def wait_for(event: anyio.Event) -> None:
+    await event.wait()
