@@ -217,13 +217,9 @@ def _read(
     plan = _plan(selected)
     if source is None:
         return plan, plan.read(), otel_context.get_current(), fake_trace_id_var.get(None)
-    if not isinstance(source, Context):
-        raise TypeError(
-            f"context must be a contextvars.Context or None, got {source!r}; "
-            "use contextvars.copy_context() to capture one"
-        )
+    otel = otel_of(source)  # checks the type first
     values = tuple([source.get(var, _MISSING) for var in selected])
-    return plan, values, otel_of(source), source.get(fake_trace_id_var)
+    return plan, values, otel, source.get(fake_trace_id_var)
 
 
 def otel_of(source: Context) -> otel_context.Context:
@@ -232,7 +228,15 @@ def otel_of(source: Context) -> otel_context.Context:
     ``source.run`` is the public way in; a context that is entered already (the caller's own,
     as ``asyncio.current_task().get_context()`` returns it) cannot be run again, so then the
     value is looked up among the context's variables, where OpenTelemetry keeps it.
+
+    Raises:
+        TypeError: ``source`` is not a ``contextvars.Context``.
     """
+    if not isinstance(source, Context):
+        raise TypeError(
+            f"context must be a contextvars.Context or None, got {source!r}; "
+            "use contextvars.copy_context() to capture one"
+        )
     try:
         return source.run(otel_context.get_current)
     except RuntimeError:
@@ -392,7 +396,7 @@ def clone(
     """
     check_propagation(propagation)
     selected = selection(vars, "clone")
-    source_otel = otel_context.get_current() if context is None else _otel_of(context)
+    source_otel = otel_context.get_current() if context is None else otel_of(context)
     marker = start_span(
         get_tracer(tracer_provider),
         _MARKER_NAME,
@@ -402,12 +406,3 @@ def clone(
     )
     marker.end()
     return build_clone(selected, context, marker, propagation)[0]
-
-
-def _otel_of(context: Context) -> otel_context.Context:
-    if not isinstance(context, Context):
-        raise TypeError(
-            f"context must be a contextvars.Context or None, got {context!r}; "
-            "use contextvars.copy_context() to capture one"
-        )
-    return otel_of(context)

@@ -43,7 +43,7 @@ from ._carrier import (
 )
 from ._carrier import _logged as _logged  # tests reset the log-once set through this module
 from ._carrier import _owned_keys as _owned_keys  # contrib.taskiq imports it from here
-from ._clone import check_propagation, selection
+from ._clone import check_propagation, otel_of, selection
 from ._trace import fake_trace_id_var, get_tracer, new_fake_trace_id, start_span
 from ._w3c import TRACEPARENT, TRACESTATE
 
@@ -180,15 +180,10 @@ def inject(
         values = [var.get(_MISSING) for var in selected]
         otel = otel_context.get_current()
         fake = fake_trace_id_var.get(None)
-    elif isinstance(context, Context):
-        values = [context.get(var, _MISSING) for var in selected]
-        otel = context.run(otel_context.get_current)
-        fake = context.get(fake_trace_id_var)
     else:
-        raise TypeError(
-            f"context must be a contextvars.Context or None, got {context!r}; "
-            "use contextvars.copy_context() to capture one"
-        )
+        otel = otel_of(context)  # checks the type, and reads an entered context too
+        values = [context.get(var, _MISSING) for var in selected]
+        fake = context.get(fake_trace_id_var)
 
     written = _encode(
         selected, values, otel, fake, baggage, propagator, max_vars_size, meter_provider

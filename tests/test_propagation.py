@@ -233,6 +233,17 @@ class TestInject:
             "ctxkit-vars": '{"request_id":"from-source"}',
         }
 
+    def test_reads_a_context_that_is_entered_already(self) -> None:
+        """context= may be the context being run (it cannot be entered twice, yet is read)."""
+        source = contextvars.Context()
+        source.run(request_id.set, "entered")
+        source.run(otel_context.attach, remote_parent())
+        carrier = source.run(lambda: inject(Carrier(), vars=(request_id,), context=source))
+        assert carrier == {
+            "traceparent": TRACEPARENT,
+            "ctxkit-vars": '{"request_id":"entered"}',
+        }
+
     def test_fake_trace_id_when_that_is_all_there_is(self) -> None:
         """In a clone without a valid span, the fake trace id travels as ctxkit-trace-id."""
         clone = ctxkit.clone_without_span(context=contextvars.Context())
