@@ -49,23 +49,12 @@ _MARKER_ATTRIBUTES: Final = {"ctxkit.async": True}
 #: The ContextVars every clone carries; replaced as a whole on change, so reading is lock-free.
 _registered: tuple[ContextVar[Any], ...] = ()
 
-# Single-entry caches, each replaced as a whole tuple (safe to read from any thread). They keep
-# the most recent clone's *selected* values (and its span and baggage) alive until the next
-# clone; values that were not selected are never referenced. docs/cloning.md says so.
+# Caches, each replaced as a whole tuple (safe to read from any thread): this one and each
+# plan's ``cache`` keep the most recent clone's *selected* values (and its span and baggage)
+# alive until the next clone with the same selection; values that were not selected are never
+# referenced. docs/cloning.md says so.
 # (plan, values, base context holding just the vars)
 _base_cache: tuple[_Plan, tuple[object, ...], Context] | None = None
-# (plan, values, weakref to the source OTel context, source fake id, finished clone, its span)
-_full_cache: (
-    tuple[
-        _Plan,
-        tuple[object, ...],
-        weakref.ref[otel_context.Context],
-        str | None,
-        Context,
-        trace.SpanContext,
-    ]
-    | None
-) = None
 
 
 def _check_vars(vars: Iterable[object], caller: str) -> None:
@@ -157,43 +146,84 @@ def selection(vars: tuple[object, ...], caller: str) -> tuple[ContextVar[Any], .
 
 
 class _Plan:
-    """What is worked out once per selection: an unrolled reader and an identity comparison.
+    """What is worked out once per selection: unrolled readers and the clone cache.
 
     Reading k ContextVars in a Python loop costs several times what k unrolled ``.get()``
     calls cost, and this runs on every spawn, so small selections get straight-line code
     generated for them (as ``dataclasses`` does for ``__init__``); large ones use loops.
+
+    ``current()`` is the hot path of ``clone_without_span()`` and ``spawn(span=False)``: it
+    reads the selected vars, the OpenTelemetry context and the fake trace id of the calling
+    context, and when all of them are the very objects the plan's last clone was made from,
+    returns a copy of that clone (``Context.copy()`` is O(1)); otherwise it builds one.
     """
 
-    __slots__ = ("read", "same", "vars")
+    __slots__ = ("cache", "current", "read", "same", "vars")
 
     def __init__(self, selected: tuple[ContextVar[Any], ...]) -> None:
         self.vars = selected
-        count = len(selected)
+        # (values, weakref to the source OTel context, source fake id, clone, its span
+        # context) of the last clone built from the current context; see _full_clone.
+        self.cache: (
+            tuple[
+                tuple[object, ...],
+                weakref.ref[otel_context.Context],
+                str | None,
+                Context,
+                trace.SpanContext,
+            ]
+            | None
+        ) = None
         self.read: Callable[[], tuple[object, ...]]
         self.same: Callable[[tuple[object, ...], tuple[object, ...]], bool]
+        self.current: Callable[[], tuple[Context, trace.SpanContext]]
+        count = len(selected)
         if count > _UNROLL_LIMIT:
             self.read = lambda: tuple([var.get(_MISSING) for var in selected])
             self.same = lambda a, b: all(map(is_, a, b))
+
+            def current() -> tuple[Context, trace.SpanContext]:
+                return _current_clone(self, self.read(), get_current(), fake_var.get(None))
+
+            self.current = current
             return
         names = [f"_v{i}" for i in range(count)]
+        defaults = "".join(f"{name}={name}, " for name in names)
         gets = "".join(f"{name}.get(_M), " for name in names)
+        values = "".join(f"a{i}, " for i in range(count))
+        reads = "".join(f"    a{i} = _v{i}.get(_M)\n" for i in range(count))
         checks = " and ".join(f"a[{i}] is b[{i}]" for i in range(count)) or "True"
+        hits = "".join(f" and v[{i}] is a{i}" for i in range(count))
         source = (
-            f"def read({''.join(f'{name}={name}, ' for name in names)}_M=_M):\n"
+            f"def read({defaults}_M=_M):\n"
             f"    return ({gets})\n"
             f"def same(a, b):\n"
             f"    return {checks}\n"
+            f"def current({defaults}_M=_M, _P=_P, _O=_O, _F=_F, _B=_B):\n"
+            f"{reads}"
+            f"    o = _O()\n"
+            f"    f = _F.get(None)\n"
+            f"    c = _P.cache\n"
+            f"    if c is not None:\n"
+            f"        v = c[0]\n"
+            f"        if c[1]() is o and c[2] is f{hits}:\n"
+            f"            return c[3].copy(), c[4]\n"
+            f"    return _B(_P, ({values}), o, f)\n"
         )
-        namespace: dict[str, Any] = dict(zip(names, selected, strict=True), _M=_MISSING)
+        namespace: dict[str, Any] = dict(zip(names, selected, strict=True))
+        namespace.update(_M=_MISSING, _P=self, _O=get_current, _F=fake_var, _B=_current_clone)
         exec(source, namespace)  # the code is built from integers only, never from user text
         self.read = namespace["read"]
         self.same = namespace["same"]
+        self.current = namespace["current"]
 
 
+get_current: Final = otel_context.get_current
+fake_var: Final = fake_trace_id_var
 _UNROLL_LIMIT: Final = 16
 _MAX_PLANS: Final = 256
 _plans: dict[tuple[ContextVar[Any], ...], _Plan] = {}
-_last_plan: _Plan = _Plan(())
+_last_plan: _Plan  # set at the end of the module, once _current_clone exists
 
 
 def _plan(selected: tuple[ContextVar[Any], ...]) -> _Plan:
@@ -210,16 +240,51 @@ def _plan(selected: tuple[ContextVar[Any], ...]) -> _Plan:
     return found
 
 
+_last_plan_for: tuple[object, tuple[ContextVar[Any], ...], _Plan]
+
+
+def plan_for(vars: Iterable[ContextVar[Any]], caller: str) -> _Plan:
+    """Return the plan of ``selection(vars)`` (``vars``: spawn's ``vars=`` option, any iterable).
+
+    The last answer for a tuple is kept: a hot path that passes the same tuple each time pays
+    one identity check.
+    """
+    global _last_plan_for
+    last_vars, last_registered, last_plan = _last_plan_for
+    if vars is last_vars and last_registered is _registered:
+        return last_plan
+    if type(vars) is not tuple:
+        return _plan(selection(as_var_tuple(vars, caller), caller))  # may change: not kept
+    plan = _plan(selection(vars, caller))
+    _last_plan_for = (vars, _registered, plan)
+    return plan
+
+
+def as_var_tuple(vars: Iterable[ContextVar[Any]], caller: str) -> tuple[ContextVar[Any], ...]:
+    """Return ``vars`` as a tuple, with a helpful error for a lone var or a non-iterable."""
+    if type(vars) is tuple:
+        return vars
+    given: object = vars  # typed as an iterable, but callers pass a lone var by mistake
+    if isinstance(given, ContextVar):
+        raise TypeError(
+            f"{caller}() takes vars= as an iterable of ContextVars, got the ContextVar {vars!r}; "
+            "pass vars=(var,)"
+        )
+    try:
+        return tuple(vars)
+    except TypeError:
+        raise TypeError(
+            f"{caller}() takes vars= as an iterable of ContextVars, got {vars!r}"
+        ) from None
+
+
 def _read(
-    selected: tuple[ContextVar[Any], ...], source: Context | None
-) -> tuple[_Plan, tuple[object, ...], otel_context.Context, str | None]:
-    """Return the plan, the selected vars' values, the OTel context and the fake id."""
-    plan = _plan(selected)
-    if source is None:
-        return plan, plan.read(), otel_context.get_current(), fake_trace_id_var.get(None)
+    plan: _Plan, source: Context
+) -> tuple[tuple[object, ...], otel_context.Context, str | None]:
+    """Return the selected vars' values, the OTel context and the fake id of ``source``."""
     otel = otel_of(source)  # checks the type first
-    values = tuple([source.get(var, _MISSING) for var in selected])
-    return plan, values, otel, source.get(fake_trace_id_var)
+    values = tuple([source.get(var, _MISSING) for var in plan.vars])
+    return values, otel, source.get(fake_trace_id_var)
 
 
 def otel_of(source: Context) -> otel_context.Context:
@@ -271,13 +336,33 @@ def _base(plan: _Plan, values: tuple[object, ...]) -> Context:
     return base.copy()
 
 
+def _current_clone(
+    plan: _Plan, values: tuple[object, ...], otel_src: otel_context.Context, fake: str | None
+) -> tuple[Context, trace.SpanContext]:
+    """Build the span-less clone of a source with these selected values, OTel context, fake id.
+
+    The clone is kept in ``plan.cache`` when the next clone of the same source may reuse it.
+    """
+    current = trace.get_current_span(otel_src)
+    otel = detached_otel_context(otel_src, current)
+    result = _base(plan, values)
+    span_context = current.get_span_context()
+    if span_context.is_valid or fake is not None:
+        result.run(_install, otel, fake)
+        plan.cache = (values, weakref.ref(otel_src), fake, result, span_context)
+        return result.copy(), span_context
+    # No trace at all: every clone gets its own fake trace id, so it cannot be reused.
+    result.run(_install, otel, new_fake_trace_id())
+    return result, span_context
+
+
 def build_clone(
-    selected: tuple[ContextVar[Any], ...],
+    plan: _Plan,
     source: Context | None,
     span: trace.Span | None = None,
     propagation: Propagation = "child",
 ) -> tuple[Context, trace.SpanContext]:
-    """Build a clone of ``source`` (None: the current context) carrying ``selected``.
+    """Build a clone of ``source`` (None: the current context) carrying ``plan.vars``.
 
     With ``span`` None the clone keeps the source's current span (``clone_without_span``);
     otherwise ``span`` becomes current in it, unless it is invalid (a no-op tracer), in which
@@ -286,26 +371,26 @@ def build_clone(
     Returns:
         The clone, and the span context current in it (invalid when only a fake id is there).
     """
-    global _full_cache
-    if source is None:  # the hot path, inlined
-        plan = _plan(selected)
+    if source is None:
+        if span is None:
+            return plan.current()
         values = plan.read()
-        otel_src = otel_context.get_current()
-        fake = fake_trace_id_var.get(None)
+        otel_src = get_current()
+        fake = fake_var.get(None)
     else:
-        plan, values, otel_src, fake = _read(selected, source)
-    if span is None:
-        cached = _full_cache
-        if (
-            cached is not None
-            and cached[0] is plan
-            and cached[2]() is otel_src
-            and cached[3] == fake
-            and plan.same(cached[1], values)
-        ):
-            return cached[4].copy(), cached[5]
-        current = trace.get_current_span(otel_src)
-    elif span.get_span_context().is_valid:
+        values, otel_src, fake = _read(plan, source)
+        if span is None:
+            cached = plan.cache
+            if (
+                cached is not None
+                and cached[1]() is otel_src
+                and cached[2] is fake
+                and plan.same(cached[0], values)
+            ):
+                return cached[3].copy(), cached[4]
+            return _current_clone(plan, values, otel_src, fake)
+    current: trace.Span
+    if span.get_span_context().is_valid:
         current = span
     elif propagation == "child":
         current = trace.get_current_span(otel_src)
@@ -314,13 +399,9 @@ def build_clone(
     otel = detached_otel_context(otel_src, current)
     result = _base(plan, values)
     span_context = current.get_span_context()
-    if span_context.is_valid or fake is not None:
-        result.run(_install, otel, fake)
-        if span is None:
-            _full_cache = (plan, values, weakref.ref(otel_src), fake, result, span_context)
-            return result.copy(), span_context
-        return result, span_context
-    result.run(_install, otel, new_fake_trace_id())
+    if not span_context.is_valid and fake is None:
+        fake = new_fake_trace_id()
+    result.run(_install, otel, fake)
     return result, span_context
 
 
@@ -352,7 +433,7 @@ def clone_without_span(*vars: ContextVar[Any], context: Context | None = None) -
     Raises:
         TypeError: An element of ``vars`` is not a ContextVar, or ``context`` is not a Context.
     """
-    return build_clone(selection(vars, "clone_without_span"), context)[0]
+    return build_clone(plan_for(vars, "clone_without_span"), context)[0]
 
 
 def clone(
@@ -395,7 +476,7 @@ def clone(
         ValueError: ``propagation`` is not one of the accepted strings.
     """
     check_propagation(propagation)
-    selected = selection(vars, "clone")
+    plan = plan_for(vars, "clone")
     source_otel = otel_context.get_current() if context is None else otel_of(context)
     marker = start_span(
         get_tracer(tracer_provider),
@@ -405,4 +486,8 @@ def clone(
         attributes=_MARKER_ATTRIBUTES,
     )
     marker.end()
-    return build_clone(selected, context, marker, propagation)[0]
+    return build_clone(plan, context, marker, propagation)[0]
+
+
+_last_plan: _Plan = _Plan(())
+_last_plan_for: tuple[object, tuple[ContextVar[Any], ...], _Plan] = (None, (), _last_plan)

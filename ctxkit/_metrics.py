@@ -1,7 +1,11 @@
 """The runner's OpenTelemetry metrics: the ``ctxkit`` meter and its six instruments.
 
-- ``ctxkit.tasks.active`` (UpDownCounter, ``{task}``): tasks running now.
-- ``ctxkit.tasks.pending`` (UpDownCounter, ``{task}``): tasks waiting for a free slot.
+- ``ctxkit.tasks.active`` (ObservableUpDownCounter, ``{task}``): tasks running now.
+- ``ctxkit.tasks.pending`` (ObservableUpDownCounter, ``{task}``): tasks waiting for a free slot.
+
+The two gauges are observed at collection time from the runners that use the meter (a
+callback, run on the metric reader's thread), so spawning and finishing a task costs no call
+for them; the other four are recorded as things happen.
 - ``ctxkit.tasks.finished`` (Counter, ``{task}``): ended tasks, by ``ctxkit.task.name`` and
   ``ctxkit.task.outcome``.
 - ``ctxkit.tasks.rejected`` (Counter, ``{task}``): spawns refused because the runner was full.
@@ -14,11 +18,16 @@
 from __future__ import annotations
 
 import weakref
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from opentelemetry import metrics
 
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from ._runner import BackgroundRunner
 
 __all__ = ["Instruments", "instruments_for"]
 
@@ -27,16 +36,32 @@ _MAX_ATTRIBUTE_SETS: Final = 1024
 
 
 class Instruments:
-    """The six instruments of one meter, plus a bounded cache of attribute sets."""
+    """The six instruments of one meter, the runners it observes, and cached attribute sets."""
 
-    __slots__ = ("_attributes", "active", "duration", "finished", "pending", "rejected", "wait")
+    __slots__ = (
+        "__weakref__",
+        "_attribute_count",
+        "_runners",
+        "by_outcome",
+        "duration",
+        "finished",
+        "rejected",
+        "wait",
+    )
 
     def __init__(self, meter: metrics.Meter) -> None:
-        self.active = meter.create_up_down_counter(
-            "ctxkit.tasks.active", unit="{task}", description="Background tasks running now"
+        # Runners whose tasks the gauges count, by id (weak: a dropped runner counts no more).
+        self._runners: dict[int, weakref.ref[BackgroundRunner]] = {}
+        runners = self._runners
+        meter.create_observable_up_down_counter(
+            "ctxkit.tasks.active",
+            callbacks=[lambda options: _observe(runners, "_running")],
+            unit="{task}",
+            description="Background tasks running now",
         )
-        self.pending = meter.create_up_down_counter(
+        meter.create_observable_up_down_counter(
             "ctxkit.tasks.pending",
+            callbacks=[lambda options: _observe(runners, "_pending")],
             unit="{task}",
             description="Background tasks waiting for a free slot",
         )
@@ -56,18 +81,50 @@ class Instruments:
             unit="s",
             description="How long background tasks waited between spawn and start",
         )
-        self._attributes: dict[tuple[str, str], dict[str, str]] = {}
+        #: Outcome -> task name -> the (shared, never mutated) attribute dict of both.
+        self.by_outcome: dict[str, dict[str, dict[str, str]]] = {
+            outcome: {} for outcome in ("ok", "error", "timeout", "cancelled")
+        }
+        self._attribute_count = 0
 
     def attributes(self, name: str, outcome: str) -> dict[str, str]:
-        """Return the (shared, never mutated) attribute dict for a task name and outcome."""
-        key = (name, outcome)
+        """Return the (shared, never mutated) attribute dict for a task name and outcome.
+
+        At most 1,024 sets are kept; past that, each call builds a new dict.
+        """
+        by_name = self.by_outcome[outcome]
         try:
-            return self._attributes[key]
+            return by_name[name]
         except KeyError:
             value = {"ctxkit.task.name": name, "ctxkit.task.outcome": outcome}
-            if len(self._attributes) < _MAX_ATTRIBUTE_SETS:
-                self._attributes[key] = value
+            if self._attribute_count < _MAX_ATTRIBUTE_SETS:
+                by_name[name] = value
+                self._attribute_count += 1
             return value
+
+    def watch(self, runner: BackgroundRunner) -> None:
+        """Count ``runner``'s running and pending tasks in the gauges from now on."""
+        key = id(runner)
+        runners = self._runners
+        runners[key] = weakref.ref(runner, lambda ref: runners.pop(key, None))
+
+
+def _observe(
+    runners: dict[int, weakref.ref[BackgroundRunner]], attribute: str
+) -> Iterable[metrics.Observation]:
+    """Observe the number of tasks in ``attribute`` (running or pending) of all ``runners``."""
+    while True:
+        try:  # the reader's thread may see the dict change (a runner opens or is freed)
+            refs = list(runners.values())
+            break
+        except RuntimeError:  # pragma: no cover - a race of a few instructions
+            continue
+    total = 0
+    for ref in refs:
+        runner = ref()
+        if runner is not None:
+            total += len(getattr(runner, attribute))
+    return (metrics.Observation(total),)
 
 
 _global: Instruments | None = None

@@ -18,7 +18,12 @@ from ._errors import NoRunnerError
 if TYPE_CHECKING:
     from ._runner import BackgroundRunner
 
-__all__ = ["LoopRunners", "loop_runners"]
+__all__ = ["LoopRunners", "hot", "loop_runners"]
+
+#: The runner ``ctxkit.spawn`` picked last on asyncio, with (a weak reference to) its loop:
+#: while that runner stays open and no runner is added to or removed from any loop, it is
+#: still the answer for that loop outside background tasks (see ``_spawn.current_runner``).
+hot: tuple[weakref.ref[asyncio.AbstractEventLoop], BackgroundRunner] | None = None
 
 
 class LoopRunners:
@@ -34,13 +39,17 @@ class LoopRunners:
 
     def add(self, runner: BackgroundRunner) -> None:
         """Record an entered runner."""
+        global hot
         self.runners.append(runner)
         self.ever_opened = True
+        hot = None  # it may replace an implicit runner
 
     def remove(self, runner: BackgroundRunner) -> None:
         """Forget a closed runner."""
+        global hot
         if runner in self.runners:
             self.runners.remove(runner)
+        hot = None
 
 
 _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopRunners] = (

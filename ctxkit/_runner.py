@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 import weakref
+from asyncio import _get_running_loop
 from collections import deque
 from contextvars import ContextVar
+from time import perf_counter
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 
@@ -24,7 +25,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from ._clone import build_clone, check_propagation, selection
+from ._clone import build_clone, check_propagation, plan_for
 from ._errors import RunnerClosedError, RunnerFullError
 from ._logging import logger
 from ._metrics import instruments_for
@@ -33,7 +34,7 @@ from ._task import BackgroundTask, RunnerStatistics, TaskFailure, TaskOutcome
 from ._trace import get_tracer, start_span
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Coroutine
+    from collections.abc import Awaitable, Callable, Coroutine, Iterable
     from types import TracebackType
 
     from opentelemetry.metrics import MeterProvider
@@ -252,6 +253,7 @@ class BackgroundRunner:
         else:
             self._loop = weakref.ref(loop)
         self._state = "open"
+        self._metrics.watch(self)
 
     async def __aexit__(
         self,
@@ -450,6 +452,23 @@ class BackgroundRunner:
                 not one of its tasks.
             RunnerFullError: ``limit`` tasks run and ``pending_limit`` wait already.
         """
+        return self._submit(coro_or_fn, args, vars, name, propagation, span, timeout)
+
+    def _submit(
+        self,
+        coro_or_fn: Any,
+        args: tuple[object, ...],
+        vars: Iterable[ContextVar[Any]],
+        name: str | None,
+        propagation: Propagation,
+        span: bool,
+        timeout: float | None,
+    ) -> BackgroundTask[Any]:
+        """``spawn`` with its arguments as given (``ctxkit.spawn`` calls it directly).
+
+        This is the hot path of ctxkit: the common case (a coroutine, default options, an
+        open runner with room) runs straight through, every other case takes a detour.
+        """
         if type(coro_or_fn) is CoroutineType and not args:
             coro: Coroutine[Any, Any, Any] = coro_or_fn
         else:
@@ -462,12 +481,52 @@ class BackgroundRunner:
                 or (span is not True and span is not False)
             ):
                 timeout = validate_options(propagation, span, timeout, name)
-            selected = selection(vars if type(vars) is tuple else tuple(vars), "spawn")
-            self._check_accepting()
+            plan = plan_for(vars, "spawn")
+            loop = _get_running_loop()
+            if self._state != "open" or (self._loop is not None and loop is not self._loop()):
+                self._check_accepting()
+            else:
+                limit = self._limit
+                if limit is not None and len(self._running) >= limit:
+                    self._check_room()
         except BaseException:
             coro.close()
             raise
-        return self._spawn(coro, selected, name, propagation, span, timeout)
+        if name is None:
+            name = (
+                coro.__qualname__
+                if type(coro) is CoroutineType
+                else getattr(coro, "__qualname__", None) or repr(coro)
+            )
+        if span:
+            task_span: trace.Span | None = start_span(
+                self._tracer,
+                name,
+                otel_context.get_current(),
+                propagation,
+                attributes={"ctxkit.async": True, "ctxkit.task.name": name},
+            )
+            context, span_context = build_clone(plan, None, task_span, propagation)
+        else:
+            task_span = None
+            context, span_context = plan.current()
+        task = BackgroundTask(
+            self, coro, name, context, task_span, span_context, timeout, perf_counter()
+        )
+        self._spawned += 1
+        limit = self._limit
+        if limit is not None and len(self._running) >= limit:
+            self._pending.append(task)
+        elif self._loop is not None:  # asyncio: the loop is the running one, checked above
+            self._running[task] = None
+            self._metrics.wait.record(0.0)
+            impl = loop.create_task(self._run_asyncio(task), name=name, context=context)  # type: ignore[union-attr]
+            if self._implicit:
+                impl.add_done_callback(task._impl_done_callback)  # see _start
+            task._impl = impl
+        else:
+            self._start(task, 0.0)
+        return task
 
     def _check_accepting(self) -> None:
         if self._state != "open":
@@ -489,7 +548,7 @@ class BackgroundRunner:
                     "work, not even from them"
                 )
             raise RunnerClosedError(f"{self!r} is closed; spawn work before it shuts down")
-        if self._loop is not None and asyncio._get_running_loop() is not self._loop():
+        if self._loop is not None and _get_running_loop() is not self._loop():
             raise RuntimeError(
                 f"{self!r} belongs to another event loop or thread; spawn from its own loop "
                 "(from other threads use loop.call_soon_threadsafe or anyio.from_thread)"
@@ -510,47 +569,10 @@ class BackgroundRunner:
             "raise limit/pending_limit, or slow the producer down"
         )
 
-    def _spawn(
-        self,
-        coro: Coroutine[Any, Any, Any],
-        selected: tuple[ContextVar[Any], ...],
-        name: str | None,
-        propagation: Propagation,
-        span: bool,
-        timeout: float | None,
-    ) -> BackgroundTask[Any]:
-        if name is None:
-            name = getattr(coro, "__qualname__", None) or repr(coro)
-        if span:
-            task_span = start_span(
-                self._tracer,
-                name,
-                otel_context.get_current(),
-                propagation,
-                attributes={"ctxkit.async": True, "ctxkit.task.name": name},
-            )
-            context, span_context = build_clone(selected, None, task_span, propagation)
-        else:
-            task_span = None
-            context, span_context = build_clone(selected, None)
-        task = BackgroundTask(
-            self, coro, name, context, task_span, span_context, timeout, time.perf_counter()
-        )
-        self._spawned += 1
-        limit = self._limit
-        if limit is None or len(self._running) < limit:
-            self._start(task, 0.0)
-        else:
-            self._pending.append(task)
-            self._metrics.pending.add(1)
-        return task
-
     def _start(self, task: BackgroundTask[Any], waited: float) -> None:
         """Start ``task``, which waited ``waited`` seconds for its slot (0.0: none)."""
         self._running[task] = None
-        metrics = self._metrics
-        metrics.active.add(1)
-        metrics.wait.record(waited)
+        self._metrics.wait.record(waited)
         if self._loop is not None:
             loop = self._loop()
             assert loop is not None
@@ -569,31 +591,26 @@ class BackgroundRunner:
 
     # -- running ---------------------------------------------------------------------------
 
-    def _begin(self, task: BackgroundTask[Any]) -> None:
+    async def _run_asyncio(self, task: BackgroundTask[Any]) -> None:
         task._started = True
         _current_task.set(task)
-
-    async def _run_asyncio(self, task: BackgroundTask[Any]) -> None:
-        self._begin(task)
-        coro = task._coro
-        assert coro is not None
         deadline: asyncio.Timeout | None = None
         try:
             if task._timeout is None:
-                result = await coro
+                result = await task._coro  # type: ignore[misc]
             else:
                 async with asyncio.timeout(task._timeout) as deadline:
-                    result = await coro
+                    result = await task._coro  # type: ignore[misc]
         except asyncio.CancelledError:
-            self._finish(task, TaskOutcome.CANCELLED)
+            self._finish(task, _CANCELLED)
             raise
         except Exception as exc:
             if isinstance(exc, TimeoutError) and deadline is not None and deadline.expired():
-                self._finish(task, TaskOutcome.TIMEOUT)
+                self._finish(task, _TIMEOUT)
             else:
-                self._finish(task, TaskOutcome.ERROR, exception=exc)
+                self._finish(task, _ERROR, None, exc)
         except BaseException as exc:  # KeyboardInterrupt, SystemExit: report, then propagate
-            self._finish(task, TaskOutcome.ERROR, exception=exc)
+            self._finish(task, _ERROR, None, exc)
             # The loop re-raises it; retrieve it from the task afterwards, so asyncio does not
             # also log "exception was never retrieved" for what was reported already.
             impl = task._impl
@@ -601,7 +618,7 @@ class BackgroundRunner:
                 impl.add_done_callback(_retrieve)
             raise
         else:
-            self._finish(task, TaskOutcome.OK, result=result)
+            self._finish(task, _OK, result)
 
     async def _run_anyio(self, task: BackgroundTask[Any]) -> None:
         coro = task._coro
@@ -610,7 +627,8 @@ class BackgroundRunner:
             coro.close()
             self._finish(task, TaskOutcome.CANCELLED)
             return
-        self._begin(task)
+        task._started = True
+        _current_task.set(task)
         deadline = math.inf if task._timeout is None else anyio.current_time() + task._timeout
         cancelled = anyio.get_cancelled_exc_class()
         try:
@@ -621,16 +639,16 @@ class BackgroundRunner:
             self._finish(task, TaskOutcome.CANCELLED)
             raise
         except Exception as exc:
-            self._finish(task, TaskOutcome.ERROR, exception=exc)
+            self._finish(task, _ERROR, None, exc)
         except BaseException as exc:
-            self._finish(task, TaskOutcome.ERROR, exception=exc)
+            self._finish(task, _ERROR, None, exc)
             raise
         else:
             if scope.cancelled_caught:
                 timed_out = not task._cancel_requested and anyio.current_time() >= deadline
                 self._finish(task, TaskOutcome.TIMEOUT if timed_out else TaskOutcome.CANCELLED)
             else:
-                self._finish(task, TaskOutcome.OK, result=result)
+                self._finish(task, _OK, result)
 
     def _account_unstarted(self, task: BackgroundTask[Any]) -> None:
         """Account for an asyncio task that was cancelled before its first step.
@@ -659,16 +677,14 @@ class BackgroundRunner:
                 task._impl.cancel()
         else:  # pending: it never ran
             self._pending.remove(task)
-            self._metrics.pending.add(-1)
             assert task._coro is not None
             task._coro.close()
-            self._finish(task, TaskOutcome.CANCELLED, was_pending=True)
+            self._finish(task, _CANCELLED, None, None, True)
 
     def _finish(
         self,
         task: BackgroundTask[Any],
         outcome: TaskOutcome,
-        *,
         result: object = None,
         exception: BaseException | None = None,
         was_pending: bool = False,
@@ -677,45 +693,52 @@ class BackgroundRunner:
         task._result = result
         task._exception = exception
         task._coro = None
-        if outcome is TaskOutcome.OK:
+        metrics = self._metrics
+        if outcome is _OK:
             self._ok += 1
-        elif outcome is TaskOutcome.ERROR:
+            value = "ok"
+        else:
+            value = self._count(outcome)
+        attributes = metrics.by_outcome[value].get(task.name) or metrics.attributes(
+            task.name, value
+        )
+        metrics.finished.add(1, attributes)
+        if not was_pending:
+            del self._running[task]
+            metrics.duration.record(perf_counter() - task._started_at, attributes)
+        if task._span is not None:
+            _end_span(task, task._span, outcome, value, exception)
+        if outcome is not _OK:
+            self._report(task, outcome, exception)
+        if task._done_event is not None:
+            task._done_event.set()
+        if self._pending or self._idle is not None:
+            self._start_next()
+
+    def _count(self, outcome: TaskOutcome) -> str:
+        """Count a task that did not end OK; return the outcome's string."""
+        if outcome is _ERROR:
             self._error += 1
-        elif outcome is TaskOutcome.TIMEOUT:
+        elif outcome is _TIMEOUT:
             self._timeout += 1
         else:
             self._cancelled += 1
-        metrics = self._metrics
-        value = _OUTCOME_VALUES[outcome]  # Enum.value is a slow property on Python 3.11
-        attributes = metrics.attributes(task.name, value)
-        metrics.finished.add(1, attributes)
-        if not was_pending:
-            self._running.pop(task, None)
-            metrics.active.add(-1)
-            metrics.duration.record(time.perf_counter() - task._started_at, attributes)
-        span = task._span
-        if span is not None:
-            span.set_attribute("ctxkit.task.outcome", value)
-            if exception is not None:
-                span.set_status(
-                    Status(StatusCode.ERROR, f"{type(exception).__name__}: {exception}")
-                )
-                span.record_exception(exception)
-                span.set_attribute("error.type", type(exception).__qualname__)
-            elif outcome is TaskOutcome.TIMEOUT:
-                span.set_status(Status(StatusCode.ERROR, f"timed out after {task._timeout}s"))
-                span.set_attribute("error.type", "timeout")
-            span.end()
+        return _OUTCOME_VALUES[outcome]  # Enum.value is a slow property on Python 3.11
+
+    def _report(
+        self, task: BackgroundTask[Any], outcome: TaskOutcome, exception: BaseException | None
+    ) -> None:
+        """Log a task that did not end OK (and call ``on_error`` for an error)."""
         if exception is not None:
-            self._report(task, exception)
-        elif outcome is TaskOutcome.TIMEOUT:
+            self._report_error(task, exception)
+        elif outcome is _TIMEOUT:
             logger.warning(
                 "background task %r timed out after %ss and was cancelled [trace_id=%s]",
                 task.name,
                 task._timeout,
                 task.trace_id,
             )
-        elif outcome is TaskOutcome.CANCELLED and not task._cancel_requested:
+        elif not task._cancel_requested:
             logger.warning(
                 "background task %r was cancelled from outside its runner before it finished "
                 "[trace_id=%s]",
@@ -724,11 +747,8 @@ class BackgroundRunner:
             )
             if self._implicit and self._loop_tearing_down():
                 self._close_implicit()
-        if task._done_event is not None:
-            task._done_event.set()
-        self._start_next()
 
-    def _report(self, task: BackgroundTask[Any], exception: BaseException) -> None:
+    def _report_error(self, task: BackgroundTask[Any], exception: BaseException) -> None:
         logger.error(
             "background task %r failed: %s: %s [trace_id=%s]",
             task.name,
@@ -768,9 +788,8 @@ class BackgroundRunner:
             and self._state in ("open", "draining")
             and (limit is None or len(self._running) < limit)
         ):
-            self._metrics.pending.add(-1)
             task = pending.popleft()
-            now = time.perf_counter()
+            now = perf_counter()
             waited = now - task._started_at  # until now, the time of its spawn
             task._started_at = now
             if task._span is not None:
@@ -782,6 +801,28 @@ class BackgroundRunner:
 
 
 _OUTCOME_VALUES: Final = {outcome: outcome.value for outcome in TaskOutcome}
+_OK: Final = TaskOutcome.OK
+_ERROR: Final = TaskOutcome.ERROR
+_TIMEOUT: Final = TaskOutcome.TIMEOUT
+_CANCELLED: Final = TaskOutcome.CANCELLED
+
+
+def _end_span(
+    task: BackgroundTask[Any],
+    span: trace.Span,
+    outcome: TaskOutcome,
+    value: str,
+    exception: BaseException | None,
+) -> None:
+    span.set_attribute("ctxkit.task.outcome", value)
+    if exception is not None:
+        span.set_status(Status(StatusCode.ERROR, f"{type(exception).__name__}: {exception}"))
+        span.record_exception(exception)
+        span.set_attribute("error.type", type(exception).__qualname__)
+    elif outcome is _TIMEOUT:
+        span.set_status(Status(StatusCode.ERROR, f"timed out after {task._timeout}s"))
+        span.set_attribute("error.type", "timeout")
+    span.end()
 
 
 def _retrieve(impl: asyncio.Task[None]) -> None:

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import functools
 import inspect
+from asyncio import _get_running_loop
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import anyio
 
+from . import _registry
 from ._clone import selection
 from ._errors import NoRunnerError, RunnerClosedError
-from ._registry import loop_runners
-from ._runner import BackgroundRunner, _is_coroutine, current_task, validate_options
+from ._registry import LoopRunners, loop_runners
+from ._runner import (
+    BackgroundRunner,
+    _current_task,
+    _is_coroutine,
+    current_task,
+    validate_options,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
@@ -49,7 +57,18 @@ def current_runner() -> BackgroundRunner:
     state = loop_runners()
     for runner in state.runners:
         if runner.accepting:
-            return runner
+            break
+    else:
+        runner = _fallback(state)
+    if state.asyncio and runner._state == "open" and runner._loop is not None:
+        # Runners only ever leave "open", and one opened later comes later in the list, so
+        # this stays the answer while it is open and the registry does not change.
+        _registry.hot = (runner._loop, runner)
+    return runner
+
+
+def _fallback(state: LoopRunners) -> BackgroundRunner:
+    """Return the runner for a loop where no runner takes work from outside."""
     if state.runners:
         return state.runners[0]  # shutting down: its spawn() says so
     if state.ever_opened:
@@ -121,21 +140,23 @@ def spawn(
         RunnerFullError: The runner is full.
         NoRunnerError: No event loop, or trio without an open runner.
     """
-    try:
-        runner = current_runner()
-    except BaseException:
-        if _is_coroutine(coro_or_fn):
-            coro_or_fn.close()
-        raise
-    return runner.spawn(
-        coro_or_fn,
-        *args,
-        vars=vars,
-        name=name,
-        propagation=propagation,
-        span=span,
-        timeout=timeout,
-    )
+    hot = _registry.hot
+    if (
+        hot is not None
+        and hot[1]._state == "open"
+        and (loop := _get_running_loop()) is not None
+        and hot[0]() is loop
+        and _current_task.get(None) is None
+    ):
+        runner = hot[1]  # the answer of the last current_runner(), still right
+    else:
+        try:
+            runner = current_runner()
+        except BaseException:
+            if _is_coroutine(coro_or_fn):
+                coro_or_fn.close()
+            raise
+    return runner._submit(coro_or_fn, args, vars, name, propagation, span, timeout)
 
 
 async def drain(timeout: float | None = None) -> None:

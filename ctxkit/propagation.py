@@ -43,7 +43,7 @@ from ._carrier import (
 )
 from ._carrier import _logged as _logged  # tests reset the log-once set through this module
 from ._carrier import _owned_keys as _owned_keys  # contrib.taskiq imports it from here
-from ._clone import check_propagation, otel_of, selection
+from ._clone import as_var_tuple, check_propagation, otel_of, selection
 from ._trace import fake_trace_id_var, get_tracer, new_fake_trace_id, start_span
 from ._w3c import TRACEPARENT, TRACESTATE
 
@@ -76,25 +76,9 @@ _CarrierT = TypeVar("_CarrierT", bound=MutableMapping[str, Any])
 # --- argument checks (programming errors raise) ------------------------------------------------
 
 
-def _as_tuple(vars: Iterable[ContextVar[Any]], caller: str) -> tuple[ContextVar[Any], ...]:
-    """Return ``vars`` as a tuple, with a helpful error for a lone var or a non-iterable."""
-    given: object = vars  # typed as an iterable, but callers pass a lone var by mistake
-    if isinstance(given, ContextVar):
-        raise TypeError(
-            f"{caller}() takes vars= as an iterable of ContextVars, got the ContextVar {vars!r}; "
-            "pass vars=(var,)"
-        )
-    try:
-        return tuple(vars)
-    except TypeError:
-        raise TypeError(
-            f"{caller}() takes vars= as an iterable of ContextVars, got {vars!r}"
-        ) from None
-
-
 def _selected(vars: Iterable[ContextVar[Any]], caller: str) -> tuple[ContextVar[Any], ...]:
     """Return ``vars`` plus the registered vars; raise on a non-var or a repeated name."""
-    items = vars if type(vars) is tuple else _as_tuple(vars, caller)
+    items = as_var_tuple(vars, caller)
     selected = selection(items, caller)
     if len(selected) > 1:
         names: dict[str, ContextVar[Any]] = {}

@@ -32,13 +32,12 @@ except ImportError:  # pragma: no cover - a taskiq without typed labels keeps th
 else:
     _STR_LABEL = int(LabelType.STR)
 
-from .._clone import check_propagation
+from .._clone import as_var_tuple, check_propagation
 from .._logging import logger
 from .._trace import get_tracer
 from ..propagation import (
     MAX_VARS_SIZE,
     ConsumeScope,
-    _as_tuple,
     _check_options,
     _owned_keys,
     _selected,
@@ -122,7 +121,7 @@ class CtxkitMiddleware(TaskiqMiddleware):
     ) -> None:
         super().__init__()
         check_propagation(propagation)
-        self._vars = _as_tuple(vars, "CtxkitMiddleware")
+        self._vars = as_var_tuple(vars, "CtxkitMiddleware")
         _selected(self._vars, "CtxkitMiddleware")
         _check_options(max_vars_size, propagator)
         self._propagation: Propagation = propagation
