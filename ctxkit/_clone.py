@@ -317,6 +317,10 @@ def _set_vars(selected: tuple[ContextVar[Any], ...], values: tuple[object, ...])
             var.set(value)
 
 
+def _make_current(span: trace.Span) -> None:
+    otel_context.attach(trace.set_span_in_context(span))  # the clone is private: no detach
+
+
 def _install(otel: otel_context.Context, fake: str | None) -> None:
     otel_context.attach(otel)  # the clone is private: its token is never needed
     if fake is not None:
@@ -374,6 +378,14 @@ def build_clone(
     if source is None:
         if span is None:
             return plan.current()
+        span_context = span.get_span_context()
+        if span_context.is_valid:
+            # The span-less clone of the caller (usually a cached one) with ``span`` made
+            # current in it: same vars, baggage and fake id, one OpenTelemetry entry changed.
+            result, parent = plan.current()
+            if parent.is_valid:  # else the clone got a fake id it does not need: build anew
+                result.run(_make_current, span)
+                return result, span_context
         values = plan.read()
         otel_src = get_current()
         fake = fake_var.get(None)
@@ -433,6 +445,10 @@ def clone_without_span(*vars: ContextVar[Any], context: Context | None = None) -
     Raises:
         TypeError: An element of ``vars`` is not a ContextVar, or ``context`` is not a Context.
     """
+    if context is None:
+        last_vars, last_registered, plan = _last_plan_for  # plan_for's cache, inlined
+        if (vars is last_vars or vars == last_vars) and last_registered is _registered:
+            return plan.current()[0]
     return build_clone(plan_for(vars, "clone_without_span"), context)[0]
 
 

@@ -781,21 +781,32 @@ class BackgroundRunner:
             task.cancel()
 
     def _start_next(self) -> None:
+        """Start waiting tasks while there is room; wake ``drain`` when nothing is left."""
         pending = self._pending
+        running = self._running
         limit = self._limit
-        while (
-            pending
-            and self._state in ("open", "draining")
-            and (limit is None or len(self._running) < limit)
-        ):
-            task = pending.popleft()
-            now = perf_counter()
-            waited = now - task._started_at  # until now, the time of its spawn
-            task._started_at = now
-            if task._span is not None:
-                task._span.add_event("ctxkit.task.started", {"ctxkit.task.wait_s": waited})
-            self._start(task, waited)
-        if not pending and not self._running and self._idle is not None:
+        if pending and self._state in ("open", "draining"):
+            loop = None if self._loop is None else self._loop()
+            wait = self._metrics.wait
+            while pending and (limit is None or len(running) < limit):
+                task = pending.popleft()
+                now = perf_counter()
+                waited = now - task._started_at  # until now, the time of its spawn
+                task._started_at = now
+                if task._span is not None:
+                    task._span.add_event("ctxkit.task.started", {"ctxkit.task.wait_s": waited})
+                if loop is None:
+                    self._start(task, waited)
+                    continue
+                running[task] = None  # the asyncio case of _start, inlined
+                wait.record(waited)
+                impl = loop.create_task(
+                    self._run_asyncio(task), name=task.name, context=task._context
+                )
+                if self._implicit:
+                    impl.add_done_callback(task._impl_done_callback)
+                task._impl = impl
+        if not pending and not running and self._idle is not None:
             self._idle.set()
             self._idle = None
 
