@@ -505,5 +505,5 @@ def clone(
     return build_clone(plan, context, marker, propagation)[0]
 
 
-_last_plan: _Plan = _Plan(())
-_last_plan_for: tuple[object, tuple[ContextVar[Any], ...], _Plan] = (None, (), _last_plan)
+_last_plan = _Plan(())
+_last_plan_for = (None, (), _last_plan)
