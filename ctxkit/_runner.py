@@ -30,7 +30,15 @@ from ._errors import RunnerClosedError, RunnerFullError
 from ._logging import logger
 from ._metrics import instruments_for
 from ._registry import loop_runners
-from ._task import BackgroundTask, RunnerStatistics, TaskFailure, TaskOutcome
+from ._task import (
+    CANCEL_REQUESTED,
+    STARTED,
+    TIMED_OUT,
+    BackgroundTask,
+    RunnerStatistics,
+    TaskFailure,
+    TaskOutcome,
+)
 from ._trace import get_tracer, start_span
 
 if TYPE_CHECKING:
@@ -520,7 +528,7 @@ class BackgroundRunner:
         elif self._loop is not None:  # asyncio: the loop is the running one, checked above
             self._running[task] = None
             self._metrics.wait.record(0.0)
-            impl = loop.create_task(self._run_asyncio(task), name=name, context=context)  # type: ignore[union-attr]
+            impl = loop.create_task(_run_asyncio(task), name=name, context=context)  # type: ignore[union-attr]
             if self._implicit:
                 impl.add_done_callback(task._impl_done_callback)  # see _start
             task._impl = impl
@@ -576,7 +584,7 @@ class BackgroundRunner:
         if self._loop is not None:
             loop = self._loop()
             assert loop is not None
-            impl = loop.create_task(self._run_asyncio(task), name=task.name, context=task._context)
+            impl = loop.create_task(_run_asyncio(task), name=task.name, context=task._context)
             if self._implicit:
                 # Only the implicit runner needs this: asyncio.run may cancel its tasks before
                 # their first step, with no shutdown of ours to account for them. An entered
@@ -591,43 +599,34 @@ class BackgroundRunner:
 
     # -- running ---------------------------------------------------------------------------
 
-    async def _run_asyncio(self, task: BackgroundTask[Any]) -> None:
-        task._started = True
-        _current_task.set(task)
-        deadline: asyncio.Timeout | None = None
-        try:
-            if task._timeout is None:
-                result = await task._coro  # type: ignore[misc]
-            else:
-                async with asyncio.timeout(task._timeout) as deadline:
-                    result = await task._coro  # type: ignore[misc]
-        except asyncio.CancelledError:
+    def _failed(self, task: BackgroundTask[Any], exc: BaseException) -> bool:
+        """Account for an asyncio task whose coroutine raised ``exc``; True: re-raise it."""
+        if isinstance(exc, asyncio.CancelledError):
             self._finish(task, _CANCELLED)
-            raise
-        except Exception as exc:
-            if isinstance(exc, TimeoutError) and deadline is not None and deadline.expired():
+            return True
+        if isinstance(exc, Exception):
+            if isinstance(exc, TimeoutError) and task._flags & TIMED_OUT:
                 self._finish(task, _TIMEOUT)
             else:
-                self._finish(task, _ERROR, None, exc)
-        except BaseException as exc:  # KeyboardInterrupt, SystemExit: report, then propagate
-            self._finish(task, _ERROR, None, exc)
-            # The loop re-raises it; retrieve it from the task afterwards, so asyncio does not
-            # also log "exception was never retrieved" for what was reported already.
-            impl = task._impl
-            if isinstance(impl, asyncio.Task):
-                impl.add_done_callback(_retrieve)
-            raise
-        else:
-            self._finish(task, _OK, result)
+                self._finish(task, _ERROR, exc)
+            return False
+        # KeyboardInterrupt, SystemExit: report, then let the loop re-raise it; retrieve it
+        # from the task afterwards, so asyncio does not also log "exception was never
+        # retrieved" for what was reported already.
+        self._finish(task, _ERROR, exc)
+        impl = task._impl
+        if isinstance(impl, asyncio.Task):
+            impl.add_done_callback(_retrieve)
+        return True
 
     async def _run_anyio(self, task: BackgroundTask[Any]) -> None:
         coro = task._coro
         assert coro is not None
-        if task._cancel_requested:  # cancelled between spawn and its first step
+        if task._flags & CANCEL_REQUESTED:  # cancelled between spawn and its first step
             coro.close()
-            self._finish(task, TaskOutcome.CANCELLED)
+            self._finish(task, _CANCELLED)
             return
-        task._started = True
+        task._flags |= STARTED
         _current_task.set(task)
         deadline = math.inf if task._timeout is None else anyio.current_time() + task._timeout
         cancelled = anyio.get_cancelled_exc_class()
@@ -636,17 +635,17 @@ class BackgroundRunner:
                 task._impl = scope
                 result = await coro
         except cancelled:
-            self._finish(task, TaskOutcome.CANCELLED)
+            self._finish(task, _CANCELLED)
             raise
         except Exception as exc:
-            self._finish(task, _ERROR, None, exc)
+            self._finish(task, _ERROR, exc)
         except BaseException as exc:
-            self._finish(task, _ERROR, None, exc)
+            self._finish(task, _ERROR, exc)
             raise
         else:
             if scope.cancelled_caught:
-                timed_out = not task._cancel_requested and anyio.current_time() >= deadline
-                self._finish(task, TaskOutcome.TIMEOUT if timed_out else TaskOutcome.CANCELLED)
+                timed_out = not task._flags & CANCEL_REQUESTED and anyio.current_time() >= deadline
+                self._finish(task, _TIMEOUT if timed_out else _CANCELLED)
             else:
                 self._finish(task, _OK, result)
 
@@ -660,17 +659,21 @@ class BackgroundRunner:
         coro = task._coro
         if coro is not None:
             coro.close()
-        self._finish(task, TaskOutcome.CANCELLED)
+        self._finish(task, _CANCELLED)
 
     def _cancel(self, task: BackgroundTask[Any]) -> None:
         """Cancel ``task`` (called by ``BackgroundTask.cancel`` for a task not yet ended)."""
-        task._cancel_requested = True
-        if not task._started and task in self._running and isinstance(task._impl, asyncio.Task):
+        task._flags |= CANCEL_REQUESTED
+        if (
+            not task._flags & STARTED
+            and task in self._running
+            and isinstance(task._impl, asyncio.Task)
+        ):
             # Started on asyncio but not stepped yet: its wrapper coroutine will never run, so
             # account for it here; the done-callback sees the outcome and does nothing more.
             assert task._coro is not None
             task._coro.close()
-            self._finish(task, TaskOutcome.CANCELLED)
+            self._finish(task, _CANCELLED)
             task._impl.cancel()
         elif task in self._running:
             if task._impl is not None:
@@ -679,19 +682,18 @@ class BackgroundRunner:
             self._pending.remove(task)
             assert task._coro is not None
             task._coro.close()
-            self._finish(task, _CANCELLED, None, None, True)
+            self._finish(task, _CANCELLED, None, True)
 
     def _finish(
         self,
         task: BackgroundTask[Any],
         outcome: TaskOutcome,
         result: object = None,
-        exception: BaseException | None = None,
         was_pending: bool = False,
     ) -> None:
+        """Record how ``task`` ended; ``result`` is its return value, or for ERROR its exception."""
         task._outcome = outcome
         task._result = result
-        task._exception = exception
         task._coro = None
         metrics = self._metrics
         if outcome is _OK:
@@ -706,10 +708,11 @@ class BackgroundRunner:
         if not was_pending:
             del self._running[task]
             metrics.duration.record(perf_counter() - task._started_at, attributes)
+        exception = result if outcome is _ERROR else None
         if task._span is not None:
-            _end_span(task, task._span, outcome, value, exception)
+            _end_span(task, task._span, outcome, value, exception)  # type: ignore[arg-type]
         if outcome is not _OK:
-            self._report(task, outcome, exception)
+            self._report(task, outcome, exception)  # type: ignore[arg-type]
         if task._done_event is not None:
             task._done_event.set()
         if self._pending or self._idle is not None:
@@ -738,7 +741,7 @@ class BackgroundRunner:
                 task._timeout,
                 task.trace_id,
             )
-        elif not task._cancel_requested:
+        elif not task._flags & CANCEL_REQUESTED:
             logger.warning(
                 "background task %r was cancelled from outside its runner before it finished "
                 "[trace_id=%s]",
@@ -800,9 +803,7 @@ class BackgroundRunner:
                     continue
                 running[task] = None  # the asyncio case of _start, inlined
                 wait.record(waited)
-                impl = loop.create_task(
-                    self._run_asyncio(task), name=task.name, context=task._context
-                )
+                impl = loop.create_task(_run_asyncio(task), name=task.name, context=task._context)
                 if self._implicit:
                     impl.add_done_callback(task._impl_done_callback)
                 task._impl = impl
@@ -834,6 +835,36 @@ def _end_span(
         span.set_status(Status(StatusCode.ERROR, f"timed out after {task._timeout}s"))
         span.set_attribute("error.type", "timeout")
     span.end()
+
+
+async def _run_asyncio(task: BackgroundTask[Any]) -> None:
+    """The coroutine of a task's ``asyncio.Task``: run the task's coroutine, report its end.
+
+    Few locals on purpose: its frame is part of the memory each pending task holds.
+    """
+    task._flags |= STARTED
+    _current_task.set(task)
+    try:
+        result = await (task._coro if task._timeout is None else _run_timed(task))  # type: ignore[misc]
+    except BaseException as exc:
+        if task._runner._failed(task, exc):
+            raise
+    else:
+        task._runner._finish(task, _OK, result)
+
+
+async def _run_timed(task: BackgroundTask[Any]) -> object:
+    """Await the task's coroutine under its ``timeout``; flag the task if the timeout hit."""
+    assert task._coro is not None
+    assert task._timeout is not None
+    deadline = asyncio.timeout(task._timeout)
+    try:
+        async with deadline:
+            return await task._coro
+    except TimeoutError:
+        if deadline.expired():
+            task._flags |= TIMED_OUT
+        raise
 
 
 def _retrieve(impl: asyncio.Task[None]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 import anyio
 from opentelemetry import trace
@@ -23,9 +23,22 @@ if TYPE_CHECKING:
 
     from ._runner import BackgroundRunner
 
-__all__ = ["BackgroundTask", "RunnerStatistics", "TaskFailure", "TaskOutcome"]
+__all__ = [
+    "CANCEL_REQUESTED",
+    "STARTED",
+    "TIMED_OUT",
+    "BackgroundTask",
+    "RunnerStatistics",
+    "TaskFailure",
+    "TaskOutcome",
+]
 
 T = TypeVar("T")
+
+#: Bits of ``BackgroundTask._flags``.
+STARTED: Final = 1
+CANCEL_REQUESTED: Final = 2
+TIMED_OUT: Final = 4
 
 
 class TaskOutcome(enum.StrEnum):
@@ -98,19 +111,18 @@ class BackgroundTask(Generic[T]):
     cancelling it or waiting for it.
     """
 
+    # Few slots on purpose: a runner may hold 100,000 of these (benchmarks/, case 5).
     __slots__ = (
-        "_cancel_requested",
         "_context",
         "_coro",
         "_done_event",
-        "_exception",
+        "_flags",
         "_impl",
         "_outcome",
         "_result",
         "_runner",
         "_span",
         "_span_context",
-        "_started",
         "_started_at",
         "_timeout",
         "name",
@@ -137,18 +149,18 @@ class BackgroundTask(Generic[T]):
         self._timeout = timeout
         # When it was spawned, then (if it had to wait for a slot) when it started.
         self._started_at = started_at
-        self._started = False
+        # STARTED once its first step ran, CANCEL_REQUESTED once ``cancel()`` was called (by
+        # the user or the runner's shutdown), TIMED_OUT when its ``timeout`` cancelled it.
+        self._flags = 0
         self._outcome: TaskOutcome | None = None
-        self._result: T | None = None
-        self._exception: BaseException | None = None
+        # What the coroutine returned (outcome OK) or the exception it raised (ERROR).
+        self._result: T | BaseException | None = None
         self._done_event: anyio.Event | None = None
         # The backend's object for the running task: an ``asyncio.Task`` or a cancel scope.
         self._impl: asyncio.Task[None] | anyio.CancelScope | None = None
-        # Set once ``cancel()`` was called (by the user or the runner's shutdown).
-        self._cancel_requested = False
 
     def __repr__(self) -> str:
-        state = self._outcome or ("running" if self._started else "pending")
+        state = self._outcome or ("running" if self._flags & STARTED else "pending")
         return f"<BackgroundTask {self.name!r} {state} trace_id={self.trace_id}>"
 
     @property
@@ -178,7 +190,9 @@ class BackgroundTask(Generic[T]):
     @property
     def exception(self) -> BaseException | None:
         """The exception the task raised (outcome ``"error"``), else None."""
-        return self._exception
+        if self._outcome is TaskOutcome.ERROR:
+            return self._result  # type: ignore[return-value]
+        return None
 
     def done(self) -> bool:
         """Return True once the task has ended, whatever its outcome."""
@@ -195,8 +209,8 @@ class BackgroundTask(Generic[T]):
         """
         if self._outcome is TaskOutcome.OK:
             return self._result  # type: ignore[return-value]
-        if self._outcome is TaskOutcome.ERROR and self._exception is not None:
-            raise self._exception
+        if self._outcome is TaskOutcome.ERROR and isinstance(self._result, BaseException):
+            raise self._result
         state = self._outcome or "still running"
         raise RuntimeError(f"background task {self.name!r} has no result: {state}")
 
