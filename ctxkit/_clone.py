@@ -163,7 +163,8 @@ class _Plan:
     def __init__(self, selected: tuple[ContextVar[Any], ...]) -> None:
         self.vars = selected
         # (values, weakref to the source OTel context, source fake id, clone, its span
-        # context) of the last clone built from the current context; see _full_clone.
+        # context, whether each copy needs a new fake id) of the last span-less clone; see
+        # _current_clone.
         self.cache: (
             tuple[
                 tuple[object, ...],
@@ -171,6 +172,7 @@ class _Plan:
                 str | None,
                 Context,
                 trace.SpanContext,
+                bool,
             ]
             | None
         ) = None
@@ -199,7 +201,7 @@ class _Plan:
             f"    return ({gets})\n"
             f"def same(a, b):\n"
             f"    return {checks}\n"
-            f"def current({defaults}_M=_M, _P=_P, _O=_O, _F=_F, _B=_B):\n"
+            f"def current({defaults}_M=_M, _P=_P, _O=_O, _F=_F, _B=_B, _N=_N):\n"
             f"{reads}"
             f"    o = _O()\n"
             f"    f = _F.get(None)\n"
@@ -207,11 +209,15 @@ class _Plan:
             f"    if c is not None:\n"
             f"        v = c[0]\n"
             f"        if c[1]() is o and c[2] is f{hits}:\n"
+            f"            if c[5]:\n"
+            f"                return _N(c[3]), c[4]\n"
             f"            return c[3].copy(), c[4]\n"
             f"    return _B(_P, ({values}), o, f)\n"
         )
         namespace: dict[str, Any] = dict(zip(names, selected, strict=True))
-        namespace.update(_M=_MISSING, _P=self, _O=get_current, _F=fake_var, _B=_current_clone)
+        namespace.update(
+            _M=_MISSING, _P=self, _O=get_current, _F=fake_var, _B=_current_clone, _N=_with_new_fake
+        )
         exec(source, namespace)  # the code is built from integers only, never from user text
         self.read = namespace["read"]
         self.same = namespace["same"]
@@ -351,13 +357,21 @@ def _current_clone(
     otel = detached_otel_context(otel_src, current)
     result = _base(plan, values)
     span_context = current.get_span_context()
-    if span_context.is_valid or fake is not None:
-        result.run(_install, otel, fake)
-        plan.cache = (values, weakref.ref(otel_src), fake, result, span_context)
-        return result.copy(), span_context
-    # No trace at all: every clone gets its own fake trace id, so it cannot be reused.
-    result.run(_install, otel, new_fake_trace_id())
-    return result, span_context
+    result.run(_install, otel, fake)
+    # No trace at all (no valid span, no fake id): each clone gets a fake trace id of its own,
+    # so the cached clone has none and each reuse adds a new one.
+    traceless = not span_context.is_valid and fake is None
+    plan.cache = (values, weakref.ref(otel_src), fake, result, span_context, traceless)
+    if traceless:
+        return _with_new_fake(result), span_context
+    return result.copy(), span_context
+
+
+def _with_new_fake(base: Context) -> Context:
+    """Return a copy of ``base`` with a new fake trace id."""
+    result = base.copy()
+    result.run(fake_var.set, new_fake_trace_id())
+    return result
 
 
 def build_clone(
@@ -399,6 +413,8 @@ def build_clone(
                 and cached[2] is fake
                 and plan.same(cached[0], values)
             ):
+                if cached[5]:
+                    return _with_new_fake(cached[3]), cached[4]
                 return cached[3].copy(), cached[4]
             return _current_clone(plan, values, otel_src, fake)
     current: trace.Span

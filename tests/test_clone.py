@@ -650,6 +650,20 @@ class TestFakeTraceId:
         ids |= {trace_id_in(ctxkit.clone(tracer_provider=noop)) for _ in range(20)}
         assert len(ids) == 60
 
+    def test_reused_traceless_clones_keep_values_and_get_new_ids(self) -> None:
+        """Repeated clones of a span-less source reuse the cached clone: each still carries the
+        current values of the selected vars, and each gets its own fake id."""
+        var: ContextVar[str] = ContextVar("test_clone.traceless")
+
+        def clone_twice(value: str) -> list[Context]:
+            var.set(value)
+            return [ctxkit.clone_without_span(var) for _ in range(2)]
+
+        clones = Context().run(clone_twice, "a") + Context().run(clone_twice, "b")
+        assert [c.get(var) for c in clones] == ["a", "a", "b", "b"]
+        assert len({trace_id_in(c) for c in clones}) == 4
+        assert not any(c.run(trace.get_current_span).get_span_context().is_valid for c in clones)
+
     @pytest.mark.parametrize("propagation", ["child", "link", "none"])
     def test_clone_of_a_clone_inherits_the_fake_id(self, propagation: Propagation) -> None:
         """A clone of a fake-id clone (no valid span in either) keeps the same fake id."""
