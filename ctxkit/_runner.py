@@ -530,38 +530,44 @@ class BackgroundRunner:
             self._metrics.wait.record(0.0)
             impl = loop.create_task(_run_asyncio(task), name=name, context=context)  # type: ignore[union-attr]
             if self._implicit:
-                impl.add_done_callback(task._impl_done_callback)  # see _start
+                # Only the implicit runner needs this: asyncio.run may cancel its tasks before
+                # their first step, with no shutdown of ours to account for them. An entered
+                # runner's shutdown finds such tasks itself (see _cancel).
+                impl.add_done_callback(task._impl_done_callback)
             task._impl = impl
         else:
-            self._start(task, 0.0)
+            self._start_in_group(task, 0.0)
         return task
 
     def _check_accepting(self) -> None:
-        if self._state != "open":
-            if self._state == "draining":
-                task = _current_task.get(None)
-                if task is not None and task._runner is self:
-                    self._check_room()
-                    return
-                raise RunnerClosedError(
-                    f"{self!r} is shutting down and takes no new work from outside its own tasks"
-                )
-            if self._state == "new":
-                raise RunnerClosedError(
-                    f"{self!r} is not open yet; use `async with BackgroundRunner() as runner:`"
-                )
-            if self._state == "cancelling":
-                raise RunnerClosedError(
-                    f"{self!r} is cancelling its remaining tasks at shutdown and takes no new "
-                    "work, not even from them"
-                )
-            raise RunnerClosedError(f"{self!r} is closed; spawn work before it shuts down")
-        if self._loop is not None and _get_running_loop() is not self._loop():
+        """Raise why a spawn is refused (``_submit`` calls this only off its fast path).
+
+        The one spawn let through here is one from a task of this runner while it drains.
+        """
+        state = self._state
+        if state == "open":  # so the spawn came from another event loop or thread
             raise RuntimeError(
                 f"{self!r} belongs to another event loop or thread; spawn from its own loop "
                 "(from other threads use loop.call_soon_threadsafe or anyio.from_thread)"
             )
-        self._check_room()
+        if state == "draining":
+            task = _current_task.get(None)
+            if task is not None and task._runner is self:
+                self._check_room()
+                return
+            raise RunnerClosedError(
+                f"{self!r} is shutting down and takes no new work from outside its own tasks"
+            )
+        if state == "new":
+            raise RunnerClosedError(
+                f"{self!r} is not open yet; use `async with BackgroundRunner() as runner:`"
+            )
+        if state == "cancelling":
+            raise RunnerClosedError(
+                f"{self!r} is cancelling its remaining tasks at shutdown and takes no new "
+                "work, not even from them"
+            )
+        raise RunnerClosedError(f"{self!r} is closed; spawn work before it shuts down")
 
     def _check_room(self) -> None:
         limit = self._limit
@@ -577,25 +583,16 @@ class BackgroundRunner:
             "raise limit/pending_limit, or slow the producer down"
         )
 
-    def _start(self, task: BackgroundTask[Any], waited: float) -> None:
-        """Start ``task``, which waited ``waited`` seconds for its slot (0.0: none)."""
+    def _start_in_group(self, task: BackgroundTask[Any], waited: float) -> None:
+        """Start ``task`` in the runner's task group (not asyncio), after ``waited`` seconds.
+
+        On asyncio ``_submit`` and ``_start_next`` start tasks themselves (inlined: it is the
+        hot path).
+        """
+        assert self._task_group is not None
         self._running[task] = None
         self._metrics.wait.record(waited)
-        if self._loop is not None:
-            loop = self._loop()
-            assert loop is not None
-            impl = loop.create_task(_run_asyncio(task), name=task.name, context=task._context)
-            if self._implicit:
-                # Only the implicit runner needs this: asyncio.run may cancel its tasks before
-                # their first step, with no shutdown of ours to account for them. An entered
-                # runner's shutdown finds such tasks itself (see _cancel).
-                impl.add_done_callback(task._impl_done_callback)
-            task._impl = impl
-        else:
-            assert self._task_group is not None
-            self._task_group.create_task(
-                self._run_anyio(task), name=task.name, context=task._context
-            )
+        self._task_group.create_task(self._run_anyio(task), name=task.name, context=task._context)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -799,9 +796,9 @@ class BackgroundRunner:
                 if task._span is not None:
                     task._span.add_event("ctxkit.task.started", {"ctxkit.task.wait_s": waited})
                 if loop is None:
-                    self._start(task, waited)
+                    self._start_in_group(task, waited)
                     continue
-                running[task] = None  # the asyncio case of _start, inlined
+                running[task] = None  # as in _submit
                 wait.record(waited)
                 impl = loop.create_task(_run_asyncio(task), name=task.name, context=task._context)
                 if self._implicit:

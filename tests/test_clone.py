@@ -165,6 +165,30 @@ class TestSelection:
         with pytest.raises(LookupError):
             result.run(request_id.get)
 
+    @pytest.mark.parametrize("count", [1, 16, 17, 40])
+    def test_many_vars_each_carried_and_reread(self, cloner: Cloner, count: int) -> None:
+        """Small and large selections (read by generated code or by a loop) carry every var's
+        current value, also on a repeated clone after one value changed."""
+        many = [ContextVar[int](f"test.many.{count}.{i}") for i in range(count)]
+        for i, var in enumerate(many):
+            var.set(i)
+        first = cloner(*many)
+        many[-1].set(-1)
+        second = cloner(*many)
+        assert [first.run(var.get) for var in many] == list(range(count))
+        assert [second.run(var.get) for var in many] == [*range(count - 1), -1]
+
+    def test_more_selections_than_the_plan_cache_holds(self, request_id: ContextVar[str]) -> None:
+        """Past the cache's 256 selections, old ones are dropped and rebuilt when used again."""
+        request_id.set("r-1")
+        others = [ContextVar[str](f"test.plans.{i}") for i in range(300)]
+        for var in others:
+            var.set(var.name)
+            clone = ctxkit.clone_without_span(request_id, var)
+            assert clone.run(var.get) == var.name
+            assert clone.run(request_id.get) == "r-1"
+        assert ctxkit.clone_without_span(request_id, others[0]).run(others[0].get) == "test.plans.0"
+
     def test_setting_a_var_in_the_clone_does_not_change_the_source(
         self, cloner: Cloner, request_id: ContextVar[str], tenant: ContextVar[str]
     ) -> None:

@@ -153,6 +153,47 @@ class TestWhichRunner:
         assert runner.statistics().spawned == 0
 
 
+class TestRunnerLookupCache:
+    """ctxkit.spawn remembers the runner it picked; it must stay what current_runner says."""
+
+    def test_a_runner_opened_after_implicit_use_takes_over(self) -> None:
+        """Spawns that made the implicit runner stop going there once a runner is entered."""
+
+        async def main() -> tuple[int, int]:
+            implicit = ctxkit.spawn(noop)._runner
+            ctxkit.spawn(noop)
+            async with ctxkit.BackgroundRunner() as entered:
+                ctxkit.spawn(noop)
+                ctxkit.spawn(noop)
+            await ctxkit.drain()
+            return implicit.statistics().spawned, entered.statistics().spawned
+
+        assert asyncio.run(main()) == (2, 2)
+
+    def test_loops_in_two_threads_each_use_their_own_runner(self) -> None:
+        """Spawns alternating between two loops (threads) never cross to the other's runner."""
+        barrier = threading.Barrier(2, timeout=10)
+        counts: dict[str, tuple[int, int]] = {}
+
+        async def serve(label: str) -> None:
+            async with ctxkit.BackgroundRunner() as runner:
+                for _ in range(50):
+                    await asyncio.to_thread(barrier.wait)  # both loops spawn in turns
+                    task = ctxkit.spawn(noop)
+                    assert task._runner is runner
+                    await asyncio.sleep(0)
+            counts[label] = (runner.statistics().spawned, runner.statistics().ok)
+
+        threads = [
+            threading.Thread(target=asyncio.run, args=(serve(label),)) for label in ("a", "b")
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert counts == {"a": (50, 50), "b": (50, 50)}
+
+
 @pytest.mark.anyio
 class TestDrain:
     async def test_drain_waits_for_every_runner(self, make_runner: MakeRunner) -> None:
