@@ -496,7 +496,9 @@ class BackgroundRunner:
             else:
                 limit = self._limit
                 if limit is not None and len(self._running) >= limit:
-                    self._check_room()
+                    pending_limit = self._pending_limit
+                    if pending_limit is not None and len(self._pending) >= pending_limit:
+                        self._check_room()  # raises RunnerFullError
         except BaseException:
             coro.close()
             raise
