@@ -3,11 +3,16 @@
 Every operation runs inside a source context (``source.run(op)``, the same overhead for every
 variant) that has all 16 vars set and a valid current span. "same source" runs every
 operation in one source: what a request that fans out many tasks sees, and where ctxkit's
-single-entry caches hit. "new source" runs each operation in a different source (other
+clone caches hit. "new source" runs each operation in a different source (other
 values, other span): what one spawn per request sees, where the caches miss. ``copy_context``
 does not care which. "by hand" builds the same Context ctxkit builds (the vars plus a detached
 OpenTelemetry context with the span and baggage) with no cache. ``clone()`` also starts and
 ends its marker span on an SDK TracerProvider with no processor.
+
+Two floor rows show what any clone of the calling context must do with the public APIs: read
+the OpenTelemetry context (``otel_context.get_current()``; the issue rules out reading its
+private ContextVar) and, for 4 vars, also read the 4 vars -- before building or reusing
+anything.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ ALL_VARS: tuple[ContextVar[str], ...] = VARS + tuple(
 KS = (0, 1, 4, 16)
 
 EMPTY = "empty call (floor)"
+OTEL_READ = "otel_context.get_current() (floor)"
+READS_4 = "get_current() + 4 var reads (floor)"
 COPY = "copy_context()"
 COPY_SET = "copy_context() + 1 var set"
 
@@ -87,10 +94,23 @@ def variants(n: int, n_span: int) -> list[Variant]:
     def copy_set() -> None:
         copy_context().run(first.set, "x")
 
+    v0, v1, v2, v3 = VARS
+    missing = object()
+    get_current = otel_context.get_current
+
+    def reads_4() -> None:
+        get_current()
+        v0.get(missing)
+        v1.get(missing)
+        v2.get(missing)
+        v3.get(missing)
+
     result = [
         _variant(COPY_SET, copy_set, same),
         _variant(COPY, copy_context, same),
         _variant(EMPTY, lambda: None, same),
+        _variant(OTEL_READ, get_current, same),
+        _variant(READS_4, reads_4, same),
     ]
     for k in KS:
         vars_k: tuple[ContextVar[Any], ...] = ALL_VARS[:k]

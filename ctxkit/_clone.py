@@ -327,6 +327,21 @@ def _make_current(span: trace.Span) -> None:
     otel_context.attach(trace.set_span_in_context(span))  # the clone is private: no detach
 
 
+def _fill(
+    selected: tuple[ContextVar[Any], ...],
+    values: tuple[object, ...],
+    otel: otel_context.Context,
+    fake: str | None,
+) -> None:
+    """Set up a new, empty clone in one pass: the selected vars, the OTel context, the fake id."""
+    for var, value in zip(selected, values, strict=True):
+        if value is not _MISSING:
+            var.set(value)
+    otel_context.attach(otel)  # the clone is private: its token is never needed
+    if fake is not None:
+        fake_trace_id_var.set(fake)
+
+
 def _install(otel: otel_context.Context, fake: str | None) -> None:
     otel_context.attach(otel)  # the clone is private: its token is never needed
     if fake is not None:
@@ -354,10 +369,9 @@ def _current_clone(
     The clone is kept in ``plan.cache`` when the next clone of the same source may reuse it.
     """
     current = trace.get_current_span(otel_src)
-    otel = detached_otel_context(otel_src, current)
-    result = _base(plan, values)
     span_context = current.get_span_context()
-    result.run(_install, otel, fake)
+    result = Context()
+    result.run(_fill, plan.vars, values, detached_otel_context(otel_src, current), fake)
     # No trace at all (no valid span, no fake id): each clone gets a fake trace id of its own,
     # so the cached clone has none and each reuse adds a new one.
     traceless = not span_context.is_valid and fake is None
