@@ -61,6 +61,28 @@ def request_span() -> trace.Span:
     )
 
 
+def request_context(i: int, vars: Sequence[ContextVar[str]] = VARS) -> Context:
+    """Return the context of request number ``i``: ``vars`` set to values unique to it, and a
+    valid span of its own (a new trace id per request), as an instrumented handler has."""
+    span = NonRecordingSpan(
+        SpanContext(
+            trace_id=0x0AF7651916CD43DD8448EB211C800000 + i + 1,
+            span_id=0xB7AD6B7169200000 + i + 1,
+            is_remote=False,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        )
+    )
+
+    def fill() -> None:
+        for j, var in enumerate(vars):
+            var.set(f"value-{j}-{i}")
+        otel_context.attach(trace.set_span_in_context(span))
+
+    ctx = Context()
+    ctx.run(fill)
+    return ctx
+
+
 class Batch:
     """Counts the tasks of one batch down and sets ``done`` when the last one has run."""
 

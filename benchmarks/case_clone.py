@@ -22,13 +22,11 @@ from contextvars import Context, ContextVar, copy_context
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 import ctxkit
 
-from ._common import VARS, hand_clone, now
+from ._common import VARS, hand_clone, now, request_context
 from ._harness import CHUNKS, Target, Variant, best_of, measure_sync
 
 if TYPE_CHECKING:
@@ -52,23 +50,7 @@ COPY_SET = "copy_context() + 1 var set"
 
 def _source(i: int) -> Context:
     """Return a source context: all vars set to values unique to ``i``, a span of its own."""
-    span = NonRecordingSpan(
-        SpanContext(
-            trace_id=0x0AF7651916CD43DD8448EB211C800000 + i + 1,
-            span_id=0xB7AD6B7169200000 + i + 1,
-            is_remote=False,
-            trace_flags=TraceFlags(TraceFlags.SAMPLED),
-        )
-    )
-
-    def fill() -> None:
-        for j, var in enumerate(ALL_VARS):
-            var.set(f"value-{j}-{i}")
-        otel_context.attach(trace.set_span_in_context(span))
-
-    ctx = Context()
-    ctx.run(fill)
-    return ctx
+    return request_context(i, ALL_VARS)
 
 
 def _variant(name: str, op: Callable[[], object], sources: Sequence[Context]) -> Variant:

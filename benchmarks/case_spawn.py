@@ -9,7 +9,7 @@ stops, except the task groups, whose exit is how they wait (it is part of the ba
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiojobs
 import anyio
@@ -17,10 +17,22 @@ from opentelemetry import trace
 
 import ctxkit
 
-from ._common import VARS, Batch, HandClone, StrongSet, now, request_span, set_vars, tick
+from ._common import (
+    VARS,
+    Batch,
+    HandClone,
+    StrongSet,
+    now,
+    request_context,
+    request_span,
+    set_vars,
+    tick,
+)
 from ._harness import Target, Variant, measure
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._harness import CaseResult, Settings
 
 TITLE = "spawn + finish, no span, 4 vars (asyncio)"
@@ -35,10 +47,14 @@ ANYIO = "anyio TaskGroup.start_soon"
 CTXKIT = "ctxkit.spawn (limit=None)"
 CTXKIT_100 = "ctxkit.spawn (limit=100, default)"
 CTXKIT_NOTRACE = "ctxkit.spawn (limit=None, no span active)"
+BARE_REQ = "bare create_task, per request"
+HAND_REQ = "hand-written ctxkit equivalent, per request"
+CTXKIT_REQ = "ctxkit.spawn (limit=None), per request"
 
 
 def variants(n: int) -> list[Variant]:
     """Return the variants of this case, each spawning ``n`` tasks per batch."""
+    requests = [request_context(i) for i in range(n)]  # "per request": one spawn from each
 
     async def bare() -> int:
         batch = Batch(n, asyncio.Event())
@@ -123,6 +139,29 @@ def variants(n: int) -> list[Variant]:
         ref = AIOJOBS if limit == 100 else AIOJOBS_NONE
         return Variant(name, run, n, ref=ref)
 
+    def per_request(name: str, make: Callable[[], Callable[[Any], object]]) -> Variant:
+        async def run() -> int:
+            batch = Batch(n, asyncio.Event())
+            async with ctxkit.BackgroundRunner(limit=None):
+                go = make()
+                t0 = now()
+                for request in requests:
+                    request.run(go, tick(batch))
+                await batch.done.wait()
+                await asyncio.sleep(0)
+                return now() - t0
+
+        return Variant(name, run, n, ref=HAND_REQ if name == CTXKIT_REQ else None)
+
+    def ctxkit_go() -> Callable[[Any], object]:
+        return lambda coro: ctxkit.spawn(coro, span=False, vars=VARS)
+
+    def hand_go() -> Callable[[Any], object]:
+        return HandClone(VARS).spawn
+
+    def bare_go() -> Callable[[Any], object]:
+        return asyncio.create_task
+
     return [
         Variant(BARE, bare, n),
         Variant(STRONG, strong, n),
@@ -134,6 +173,9 @@ def variants(n: int) -> list[Variant]:
         ctxkit_variant(CTXKIT, None),
         ctxkit_variant(CTXKIT_100, 100),
         ctxkit_variant(CTXKIT_NOTRACE, None, traced=False),
+        per_request(BARE_REQ, bare_go),
+        per_request(HAND_REQ, hand_go),
+        per_request(CTXKIT_REQ, ctxkit_go),
     ]
 
 
@@ -164,6 +206,9 @@ def run(settings: Settings) -> list[CaseResult]:
                 "100 tasks run and the other 9,900 wait in the queue",
                 "'no span active': no valid span in the caller, so each clone gets a new "
                 "fake trace id (os.urandom)",
+                "'per request': each spawn comes from a different request context (its own "
+                "4 var values and span), as one spawn per request handler does; ctxkit's clone "
+                "cache misses every time; each spawn includes a Context.run into the request",
             ],
         )
 
