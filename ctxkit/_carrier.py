@@ -23,6 +23,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 
 from ._logging import logger
+from ._trace import EMPTY_OTEL_CONTEXT
 from ._version import __version__
 from ._w3c import W3CTraceContextPropagator
 
@@ -155,7 +156,7 @@ def _encode(
     span = trace.get_current_span(otel)
     # The propagator sees the span alone: baggage travels only through baggage=True.
     (_W3C if propagator is None else propagator).inject(
-        written, context=trace.set_span_in_context(span, otel_context.Context())
+        written, context=trace.set_span_in_context(span, EMPTY_OTEL_CONTEXT)
     )
     if not span.get_span_context().is_valid and fake is not None:
         written[TRACE_ID] = fake
@@ -310,11 +311,11 @@ def _parse_trace(
     carrier: Mapping[str, object], propagator: TextMapPropagator | None, reasons: list[str]
 ) -> trace.SpanContext | None:
     if propagator is None:
-        otel, found = _W3C.extract_with_reasons(carrier, otel_context.Context())
+        otel, found = _W3C.extract_with_reasons(carrier, EMPTY_OTEL_CONTEXT)
         reasons.extend(found)
     else:
         try:
-            otel = propagator.extract(carrier, context=otel_context.Context())
+            otel = propagator.extract(carrier, context=EMPTY_OTEL_CONTEXT)
             span_context = trace.get_current_span(otel).get_span_context()
         except Exception:  # a third-party propagator must not break the worker
             reasons.append(_PROPAGATOR_FAILED)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from opentelemetry.util.types import Attributes
 
 __all__ = [
+    "EMPTY_OTEL_CONTEXT",
     "PROPAGATIONS",
     "Propagation",
     "current_trace_id",
@@ -40,6 +41,11 @@ PROPAGATIONS: Final = ("child", "link", "none")
 
 _INSTRUMENTATION_NAME: Final = "ctxkit"
 _ALL_ZERO_HEX: Final = "0" * 32
+
+#: An empty OpenTelemetry context, shared: OpenTelemetry's ``Context`` refuses item assignment
+#: and ``set_value`` copies, so one instance serves every "new, empty" context (making one costs
+#: more than the copy that follows).
+EMPTY_OTEL_CONTEXT: Final = otel_context.Context()
 
 #: The fake trace id of the current context, when ctxkit gave it one (see module docstring).
 fake_trace_id_var: ContextVar[str] = ContextVar("ctxkit.fake_trace_id")
@@ -117,7 +123,7 @@ def detached_otel_context(
     """
     if span is None:
         span = trace.get_current_span(source)
-    result = trace.set_span_in_context(span, otel_context.Context())
+    result = trace.set_span_in_context(span, EMPTY_OTEL_CONTEXT)
     entries = otel_baggage.get_all(source)
     if entries:
         for key, value in entries.items():
@@ -147,5 +153,5 @@ def start_span(
         if parent.is_valid:
             links = (trace.Link(parent),)
     return tracer.start_span(
-        name, context=otel_context.Context(), kind=kind, attributes=attributes, links=links
+        name, context=EMPTY_OTEL_CONTEXT, kind=kind, attributes=attributes, links=links
     )

@@ -44,7 +44,13 @@ from ._carrier import (
 from ._carrier import _logged as _logged  # tests reset the log-once set through this module
 from ._carrier import _owned_keys as _owned_keys  # contrib.taskiq imports it from here
 from ._clone import as_var_tuple, check_propagation, otel_of, selection
-from ._trace import fake_trace_id_var, get_tracer, new_fake_trace_id, start_span
+from ._trace import (
+    EMPTY_OTEL_CONTEXT,
+    fake_trace_id_var,
+    get_tracer,
+    new_fake_trace_id,
+    start_span,
+)
 from ._w3c import TRACEPARENT, TRACESTATE
 
 if TYPE_CHECKING:
@@ -234,7 +240,7 @@ def extract(
     if parsed.remote is None:
         fake = parsed.fake if parsed.fake is not None else new_fake_trace_id()
     result = Context()
-    result.run(_install, parsed.values, _otel_for(parsed, otel_context.Context()), fake)
+    result.run(_install, parsed.values, _otel_for(parsed, EMPTY_OTEL_CONTEXT), fake)
     return result
 
 
@@ -413,7 +419,7 @@ class ConsumeScope:
         span = start_span(
             self._tracer,
             self._span_name,
-            _otel_for(parsed, otel_context.Context()),
+            _otel_for(parsed, EMPTY_OTEL_CONTEXT),
             propagation,
             attributes=self._attributes,
             kind=trace.SpanKind.CONSUMER,
