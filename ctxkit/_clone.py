@@ -334,12 +334,8 @@ def _fill(
     fake: str | None,
 ) -> None:
     """Set up a new, empty clone in one pass: the selected vars, the OTel context, the fake id."""
-    for var, value in zip(selected, values, strict=True):
-        if value is not _MISSING:
-            var.set(value)
-    otel_context.attach(otel)  # the clone is private: its token is never needed
-    if fake is not None:
-        fake_trace_id_var.set(fake)
+    _set_vars(selected, values)
+    _install(otel, fake)
 
 
 def _install(otel: otel_context.Context, fake: str | None) -> None:
