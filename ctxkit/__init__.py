@@ -17,12 +17,12 @@ from ._errors import RunnerClosedError as RunnerClosedError
 from ._errors import RunnerFullError as RunnerFullError
 from ._logging import TraceIdFilter as TraceIdFilter
 from ._runner import BackgroundRunner as BackgroundRunner
+from ._runner import BackgroundTask as BackgroundTask
 from ._runner import current_task as current_task
 from ._spawn import current_runner as current_runner
 from ._spawn import drain as drain
 from ._spawn import fire_and_forget as fire_and_forget
 from ._spawn import spawn as spawn
-from ._task import BackgroundTask as BackgroundTask
 from ._task import RunnerStatistics as RunnerStatistics
 from ._task import TaskFailure as TaskFailure
 from ._task import TaskOutcome as TaskOutcome

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import weakref
 from contextvars import Context, ContextVar
-from operator import is_
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -42,6 +41,8 @@ __all__ = [
     "unregister",
 ]
 
+T = TypeVar("T")
+
 _MISSING: Final = object()
 _MARKER_NAME: Final = "ctxkit.clone"
 _MARKER_ATTRIBUTES: Final = {"ctxkit.async": True}
@@ -49,12 +50,10 @@ _MARKER_ATTRIBUTES: Final = {"ctxkit.async": True}
 #: The ContextVars every clone carries; replaced as a whole on change, so reading is lock-free.
 _registered: tuple[ContextVar[Any], ...] = ()
 
-# Caches, each replaced as a whole tuple (safe to read from any thread): this one and each
-# plan's ``cache`` keep the most recent clone's *selected* values (and its span and baggage)
-# alive until the next clone with the same selection; values that were not selected are never
-# referenced. docs/cloning.md says so.
-# (plan, values, base context holding just the vars)
-_base_cache: tuple[_Plan, tuple[object, ...], Context] | None = None
+# Each plan's ``cache`` (replaced as a whole tuple: safe to read from any thread) keeps the most
+# recent span-less clone's *selected* values (and its span and baggage) alive until the next
+# clone with the same selection; values that were not selected are never referenced.
+# docs/cloning.md says so.
 
 
 def _check_vars(vars: Iterable[object], caller: str) -> None:
@@ -117,54 +116,39 @@ def registered() -> tuple[ContextVar[Any], ...]:
     return _registered
 
 
-_last_selection: tuple[tuple[object, ...], tuple[ContextVar[Any], ...], tuple[object, ...]] = (
-    (),
-    (),
-    (),
-)
-
-
 def selection(vars: tuple[object, ...], caller: str) -> tuple[ContextVar[Any], ...]:
-    """Validate ``vars`` and return them followed by the registered ones, without repeats.
-
-    The last answer is kept: a hot path that passes the same vars each time (the usual case)
-    pays one tuple comparison.
-    """
-    global _last_selection
+    """Validate ``vars`` and return them followed by the registered ones, without repeats."""
     if not vars:
         return _registered
-    last_vars, last_registered, last_result = _last_selection
-    if vars == last_vars and last_registered is _registered:
-        return last_result  # type: ignore[return-value]
     _check_vars(vars, caller)
     if _registered or len(vars) > 1:
-        result: tuple[Any, ...] = tuple(dict.fromkeys((*vars, *_registered)))
-    else:
-        result = vars
-    _last_selection = (vars, _registered, result)
-    return result
+        return tuple(dict.fromkeys((*vars, *_registered)))  # type: ignore[arg-type]
+    return vars  # type: ignore[return-value]
 
 
 class _Plan:
-    """What is worked out once per selection: unrolled readers and the clone cache.
-
-    Reading k ContextVars in a Python loop costs several times what k unrolled ``.get()``
-    calls cost, and this runs on every spawn, so small selections get straight-line code
-    generated for them (as ``dataclasses`` does for ``__init__``); large ones use loops.
+    """What is worked out once per selection: a reader of its vars, and its clone cache.
 
     ``current()`` is the hot path of ``clone_without_span()`` and ``spawn(span=False)``: it
     reads the selected vars, the OpenTelemetry context and the fake trace id of the calling
-    context, and when all of them are the very objects the plan's last clone was made from,
-    returns a copy of that clone (``Context.copy()`` is O(1)); otherwise it builds one.
+    context, and when all of them are the very objects the plan's last span-less clone was
+    made from, returns a copy of that clone (``Context.copy()`` is O(1)); otherwise it builds
+    one and keeps it in ``cache``, the one cache of the clone path.
+
+    The reader and the identity check are straight-line code generated for the selection (as
+    ``dataclasses`` does for ``__init__``), for every size: reading k ContextVars in a Python
+    loop costs several times what k unrolled ``.get()`` calls cost, on every spawn
+    (benchmarks/RESULTS.md, "clone plan" rows).
     """
 
-    __slots__ = ("cache", "current", "read", "same", "vars")
+    __slots__ = ("cache", "read", "registered", "same", "vars")
 
     def __init__(self, selected: tuple[ContextVar[Any], ...]) -> None:
         self.vars = selected
+        #: The registered vars when the plan was made: it is stale once they change.
+        self.registered = _registered
         # (values, weakref to the source OTel context, source fake id, clone, its span
-        # context, whether each copy needs a new fake id) of the last span-less clone; see
-        # _current_clone.
+        # context, whether each copy needs a new fake id) of the last span-less clone.
         self.cache: (
             tuple[
                 tuple[object, ...],
@@ -176,93 +160,64 @@ class _Plan:
             ]
             | None
         ) = None
-        self.read: Callable[[], tuple[object, ...]]
-        self.same: Callable[[tuple[object, ...], tuple[object, ...]], bool]
-        self.current: Callable[[], tuple[Context, trace.SpanContext]]
         count = len(selected)
-        if count > _UNROLL_LIMIT:
-            self.read = lambda: tuple([var.get(_MISSING) for var in selected])
-            self.same = lambda a, b: all(map(is_, a, b))
-
-            def current() -> tuple[Context, trace.SpanContext]:
-                return _current_clone(self, self.read(), get_current(), fake_var.get(None))
-
-            self.current = current
-            return
         names = [f"_v{i}" for i in range(count)]
         defaults = "".join(f"{name}={name}, " for name in names)
         gets = "".join(f"{name}.get(_M), " for name in names)
-        values = "".join(f"a{i}, " for i in range(count))
-        reads = "".join(f"    a{i} = _v{i}.get(_M)\n" for i in range(count))
         checks = " and ".join(f"a[{i}] is b[{i}]" for i in range(count)) or "True"
-        hits = "".join(f" and v[{i}] is a{i}" for i in range(count))
         source = (
             f"def read({defaults}_M=_M):\n"
             f"    return ({gets})\n"
             f"def same(a, b):\n"
             f"    return {checks}\n"
-            f"def current({defaults}_M=_M, _P=_P, _O=_O, _F=_F, _B=_B, _N=_N):\n"
-            f"{reads}"
-            f"    o = _O()\n"
-            f"    f = _F.get(None)\n"
-            f"    c = _P.cache\n"
-            f"    if c is not None:\n"
-            f"        v = c[0]\n"
-            f"        if c[1]() is o and c[2] is f{hits}:\n"
-            f"            if c[5]:\n"
-            f"                return _N(c[3]), c[4]\n"
-            f"            return c[3].copy(), c[4]\n"
-            f"    return _B(_P, ({values}), o, f)\n"
         )
         namespace: dict[str, Any] = dict(zip(names, selected, strict=True))
-        namespace.update(
-            _M=_MISSING, _P=self, _O=get_current, _F=fake_var, _B=_current_clone, _N=_with_new_fake
-        )
+        namespace["_M"] = _MISSING
         exec(source, namespace)  # the code is built from integers only, never from user text
-        self.read = namespace["read"]
-        self.same = namespace["same"]
-        self.current = namespace["current"]
+        self.read: Callable[[], tuple[object, ...]] = namespace["read"]
+        self.same: Callable[[tuple[object, ...], tuple[object, ...]], bool] = namespace["same"]
+
+    def current(self) -> tuple[Context, trace.SpanContext]:
+        """Return the span-less clone of the calling context, and the span context in it."""
+        values = self.read()
+        otel = get_current()
+        fake = fake_var.get(None)
+        cached = self.cache
+        if (
+            cached is not None
+            and cached[1]() is otel
+            and cached[2] is fake
+            and self.same(cached[0], values)
+        ):
+            if cached[5]:
+                return _with_new_fake(cached[3]), cached[4]
+            return cached[3].copy(), cached[4]
+        return _current_clone(self, values, otel, fake)
 
 
 get_current: Final = otel_context.get_current
 fake_var: Final = fake_trace_id_var
-_UNROLL_LIMIT: Final = 16
 _MAX_PLANS: Final = 256
+#: The plan of each ``vars=`` tuple as callers pass it (the registered vars are added to it).
 _plans: dict[tuple[ContextVar[Any], ...], _Plan] = {}
-_last_plan: _Plan  # set at the end of the module, once _current_clone exists
-
-
-def _plan(selected: tuple[ContextVar[Any], ...]) -> _Plan:
-    global _last_plan
-    plan = _last_plan
-    if plan.vars is selected:
-        return plan
-    found = _plans.get(selected)
-    if found is None:
-        if len(_plans) >= _MAX_PLANS:
-            _plans.clear()
-        found = _plans[selected] = _Plan(selected)
-    _last_plan = found
-    return found
-
-
-_last_plan_for: tuple[object, tuple[ContextVar[Any], ...], _Plan]
 
 
 def plan_for(vars: Iterable[ContextVar[Any]], caller: str) -> _Plan:
-    """Return the plan of ``selection(vars)`` (``vars``: spawn's ``vars=`` option, any iterable).
-
-    The last answer for a tuple is kept: a hot path that passes the same tuple each time pays
-    one identity check.
-    """
-    global _last_plan_for
-    last_vars, last_registered, last_plan = _last_plan_for
-    if vars is last_vars and last_registered is _registered:
-        return last_plan
-    if type(vars) is not tuple:
-        return _plan(selection(as_var_tuple(vars, caller), caller))  # may change: not kept
-    plan = _plan(selection(vars, caller))
-    _last_plan_for = (vars, _registered, plan)
+    """Return the plan of ``selection(vars)`` (``vars``: spawn's ``vars=`` option, any iterable)."""
+    try:
+        plan: _Plan | None = _plans[vars]  # type: ignore[index]
+    except (KeyError, TypeError):  # new, or not a hashable tuple: check it
+        pass
+    else:
+        if plan.registered is _registered:  # type: ignore[union-attr]
+            return plan  # type: ignore[return-value]
+    given = as_var_tuple(vars, caller)
+    selected = selection(given, caller)
+    plan = _plans.get(given)
+    if plan is None or plan.registered is not _registered:
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        plan = _plans[given] = _Plan(selected)
     return plan
 
 
@@ -288,17 +243,18 @@ def _read(
     plan: _Plan, source: Context
 ) -> tuple[tuple[object, ...], otel_context.Context, str | None]:
     """Return the selected vars' values, the OTel context and the fake id of ``source``."""
-    otel = otel_of(source)  # checks the type first
-    values = tuple([source.get(var, _MISSING) for var in plan.vars])
-    return values, otel, source.get(fake_trace_id_var)
+    return _run_in(source, _read_current, plan)
 
 
-def otel_of(source: Context) -> otel_context.Context:
-    """Return the OpenTelemetry context current in ``source``, without changing anything.
+def _read_current(plan: _Plan) -> tuple[tuple[object, ...], otel_context.Context, str | None]:
+    return plan.read(), get_current(), fake_var.get(None)
 
-    ``source.run`` is the public way in; a context that is entered already (the caller's own,
-    as ``asyncio.current_task().get_context()`` returns it) cannot be run again, so then the
-    value is looked up among the context's variables, where OpenTelemetry keeps it.
+
+def _run_in(source: Context, fn: Callable[..., T], *args: object) -> T:
+    """Run ``fn(*args)`` in ``source``, also when ``source`` is entered already.
+
+    A context that is entered (the caller's own, as ``asyncio.current_task().get_context()``
+    returns it) cannot be run again; a copy of it holds the same values and can.
 
     Raises:
         TypeError: ``source`` is not a ``contextvars.Context``.
@@ -309,12 +265,18 @@ def otel_of(source: Context) -> otel_context.Context:
             "use contextvars.copy_context() to capture one"
         )
     try:
-        return source.run(otel_context.get_current)
+        return source.run(fn, *args)
     except RuntimeError:
-        for value in source.values():
-            if isinstance(value, otel_context.Context):
-                return value
-        return otel_context.Context()
+        return source.copy().run(fn, *args)
+
+
+def otel_of(source: Context) -> otel_context.Context:
+    """Return the OpenTelemetry context current in ``source``, without changing anything.
+
+    Raises:
+        TypeError: ``source`` is not a ``contextvars.Context``.
+    """
+    return _run_in(source, get_current)
 
 
 def _set_vars(selected: tuple[ContextVar[Any], ...], values: tuple[object, ...]) -> None:
@@ -345,16 +307,11 @@ def _install(otel: otel_context.Context, fake: str | None) -> None:
 
 
 def _base(plan: _Plan, values: tuple[object, ...]) -> Context:
-    """Return a new Context holding just the selected vars (a copy of a cached one if possible)."""
-    global _base_cache
-    cached = _base_cache
-    if cached is not None and cached[0] is plan and plan.same(cached[1], values):
-        return cached[2].copy()
+    """Return a new Context holding just the selected vars."""
     base = Context()
     if plan.vars:
         base.run(_set_vars, plan.vars, values)
-    _base_cache = (plan, values, base)
-    return base.copy()
+    return base
 
 
 def _current_clone(
@@ -416,16 +373,6 @@ def build_clone(
     else:
         values, otel_src, fake = _read(plan, source)
         if span is None:
-            cached = plan.cache
-            if (
-                cached is not None
-                and cached[1]() is otel_src
-                and cached[2] is fake
-                and plan.same(cached[0], values)
-            ):
-                if cached[5]:
-                    return _with_new_fake(cached[3]), cached[4]
-                return cached[3].copy(), cached[4]
             return _current_clone(plan, values, otel_src, fake)
     current: trace.Span
     if span.get_span_context().is_valid:
@@ -471,10 +418,6 @@ def clone_without_span(*vars: ContextVar[Any], context: Context | None = None) -
     Raises:
         TypeError: An element of ``vars`` is not a ContextVar, or ``context`` is not a Context.
     """
-    if context is None:
-        last_vars, last_registered, plan = _last_plan_for  # plan_for's cache, inlined
-        if (vars is last_vars or vars == last_vars) and last_registered is _registered:
-            return plan.current()[0]
     return build_clone(plan_for(vars, "clone_without_span"), context)[0]
 
 
@@ -529,7 +472,3 @@ def clone(
     )
     marker.end()
     return build_clone(plan, context, marker, propagation)[0]
-
-
-_last_plan = _Plan(())
-_last_plan_for = (None, (), _last_plan)

@@ -55,13 +55,13 @@ class Instruments:
         runners = self._runners
         meter.create_observable_up_down_counter(
             "ctxkit.tasks.active",
-            callbacks=[lambda options: _observe(runners, "_running")],
+            callbacks=[lambda options: _observe(runners, "running")],
             unit="{task}",
             description="Background tasks running now",
         )
         meter.create_observable_up_down_counter(
             "ctxkit.tasks.pending",
-            callbacks=[lambda options: _observe(runners, "_pending")],
+            callbacks=[lambda options: _observe(runners, "pending")],
             unit="{task}",
             description="Background tasks waiting for a free slot",
         )
@@ -112,7 +112,7 @@ class Instruments:
 def _observe(
     runners: dict[int, weakref.ref[BackgroundRunner]], attribute: str
 ) -> Iterable[metrics.Observation]:
-    """Observe the number of tasks in ``attribute`` (running or pending) of all ``runners``."""
+    """Observe the sum of one ``statistics()`` field (running or pending) of all ``runners``."""
     while True:
         try:  # the reader's thread may see the dict change (a runner opens or is freed)
             refs = list(runners.values())
@@ -123,7 +123,7 @@ def _observe(
     for ref in refs:
         runner = ref()
         if runner is not None:
-            total += len(getattr(runner, attribute))
+            total += getattr(runner.statistics(), attribute)
     return (metrics.Observation(total),)
 
 

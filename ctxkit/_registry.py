@@ -18,38 +18,33 @@ from ._errors import NoRunnerError
 if TYPE_CHECKING:
     from ._runner import BackgroundRunner
 
-__all__ = ["LoopRunners", "hot", "loop_runners"]
-
-#: The runner ``ctxkit.spawn`` picked last on asyncio, with (a weak reference to) its loop:
-#: while that runner stays open and no runner is added to or removed from any loop, it is
-#: still the answer for that loop outside background tasks (see ``_spawn.current_runner``).
-hot: tuple[weakref.ref[asyncio.AbstractEventLoop], BackgroundRunner] | None = None
+__all__ = ["LoopRunners", "loop_runners"]
 
 
 class LoopRunners:
     """The runners of one event loop."""
 
-    __slots__ = ("__weakref__", "asyncio", "ever_opened", "implicit", "runners")
+    __slots__ = ("__weakref__", "ever_opened", "implicit", "implicit_allowed", "runners")
 
-    def __init__(self, is_asyncio: bool) -> None:
+    def __init__(self, implicit_allowed: bool) -> None:
+        #: Entered runners not yet closed, in opening order.
         self.runners: list[BackgroundRunner] = []
+        #: The loop's implicit runner, once made.
         self.implicit: BackgroundRunner | None = None
+        #: Whether a runner was ever entered here (then no implicit runner is made).
         self.ever_opened = False
-        self.asyncio = is_asyncio
+        #: Whether this loop may get an implicit runner (asyncio; trio has none).
+        self.implicit_allowed = implicit_allowed
 
     def add(self, runner: BackgroundRunner) -> None:
         """Record an entered runner."""
-        global hot
         self.runners.append(runner)
         self.ever_opened = True
-        hot = None  # it may replace an implicit runner
 
     def remove(self, runner: BackgroundRunner) -> None:
         """Forget a closed runner."""
-        global hot
         if runner in self.runners:
             self.runners.remove(runner)
-        hot = None
 
 
 _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopRunners] = (
@@ -74,13 +69,13 @@ def loop_runners() -> LoopRunners:
         try:
             state = _by_loop[loop]
         except KeyError:
-            state = _by_loop[loop] = LoopRunners(is_asyncio=True)
+            state = _by_loop[loop] = LoopRunners(implicit_allowed=True)
         _last = (weakref.ref(loop), state)
         return state
     try:
         return _run_var.get()
     except LookupError:
-        state = LoopRunners(is_asyncio=False)
+        state = LoopRunners(implicit_allowed=False)
         _run_var.set(state)
         return state
     except RuntimeError as exc:  # no async library is running in this thread

@@ -1,154 +1,256 @@
-"""The supervising background runner: owns tasks, limits them, reports them, drains them.
+"""The supervising runner's core: everything between ``spawn`` and a task's end, in one file.
 
-``BackgroundRunner`` keeps a strong reference to every task it accepted until the task ends,
-starts at most ``limit`` at once (the rest wait in FIFO order, at most ``pending_limit`` of
-them), gives each a span and metrics, turns every failure into a report (span status, one log
-line, ``on_error``), and at shutdown drains, then cancels what is left and says so. On asyncio
-each task is a plain ``asyncio.Task`` (the cheapest thing that works); on any other backend
-(trio) the tasks live in an anyio task group owned by the runner's ``async with`` block.
+``BackgroundRunner`` admits work (state, owning loop, ``limit`` and ``pending_limit``), clones
+the caller's context for it, starts it through its backend (``ctxkit._backends``) or queues it,
+and when the backend reports the end, finishes it in two phases:
+
+1. *Bookkeeping*, which runs no user code and cannot fail half-way: the outcome and result on
+   the handle, the counters and metrics, the handle's done event, waking ``drain`` waiters,
+   and starting queued tasks while there is room. Starting is a loop guarded by a flag, never
+   a recursion: a task that ends during its own start (Python 3.12's eager task factory runs
+   the first step inside ``create_task``) is finished by the same bookkeeping, and the outer
+   loop goes on starting the next one.
+2. *Reporting*: ending the task's span, the log line, ``on_error``. An exception of any kind
+   here leaves the runner consistent.
+
+Shutdown (``__aexit__``) drains for ``drain_timeout``, cancels what is left and waits at most
+``cancel_timeout`` more, then logs one summary. ``BackgroundTask``, the handle ``spawn``
+returns, lives here too: the core is the only code that changes its state.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
-import weakref
-from asyncio import _get_running_loop
 from collections import deque
 from contextvars import ContextVar
 from time import perf_counter
 from types import CoroutineType
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, overload
 
 import anyio
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from ._clone import build_clone, check_propagation, plan_for
+from ._backends import current_native_task, open_backend
+from ._clone import build_clone, plan_for
 from ._errors import RunnerClosedError, RunnerFullError
 from ._logging import logger
 from ._metrics import instruments_for
-from ._registry import loop_runners
-from ._task import (
-    CANCEL_REQUESTED,
-    STARTED,
-    TIMED_OUT,
-    BackgroundTask,
-    RunnerStatistics,
-    TaskFailure,
-    TaskOutcome,
+from ._options import (
+    check_hook,
+    check_limit,
+    check_seconds,
+    prepare_coroutine,
+    validate_options,
 )
-from ._trace import get_tracer, start_span
+from ._registry import loop_runners
+from ._task import RunnerStatistics, TaskFailure, TaskOutcome
+from ._trace import fake_trace_id_var, get_tracer, start_span
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Iterable
+    from contextvars import Context
     from types import TracebackType
 
     from opentelemetry.metrics import MeterProvider
 
+    from ._backends import Backend
     from ._trace import Propagation
 
-__all__ = ["BackgroundRunner", "current_task", "prepare_coroutine", "validate_options"]
+__all__ = [
+    "BackgroundRunner",
+    "BackgroundTask",
+    "current_task",
+    "open_implicit_runner",
+    "own_runner",
+    "submit",
+]
 
 T = TypeVar("T")
 
 _State = Literal["new", "open", "draining", "cancelling", "closed"]
 _SUMMARY_NAMES: Final = 10
 
-#: The background task whose code is running now (set inside each task's own context).
-_current_task: ContextVar[BackgroundTask[Any]] = ContextVar("ctxkit.current_task")
+_OK: Final = TaskOutcome.OK
+_ERROR: Final = TaskOutcome.ERROR
+_TIMEOUT: Final = TaskOutcome.TIMEOUT
+_CANCELLED: Final = TaskOutcome.CANCELLED
+_OUTCOME_VALUES: Final = {outcome: outcome.value for outcome in TaskOutcome}
+
+#: Bits of ``BackgroundTask._flags``.
+_STARTED: Final = 1  # its first step ran
+_CANCEL_REQUESTED: Final = 2  # cancel() was called: by the user or the runner's shutdown
+
+#: (handle, the loop's own object for the task) of the background task whose code runs now.
+#: Plain child tasks of a background task inherit the var; the second item tells them apart.
+_current: ContextVar[tuple[BackgroundTask[Any], object]] = ContextVar("ctxkit.current_task")
 
 
 def current_task() -> BackgroundTask[Any] | None:
-    """Return the handle of the background task running this code, or None outside one."""
-    return _current_task.get(None)
+    """Return the handle of the background task running this code, or None outside one.
 
-
-def _is_coroutine(obj: object) -> bool:
-    return asyncio.iscoroutine(obj) and hasattr(obj, "close")
-
-
-def prepare_coroutine(
-    coro_or_fn: object, args: tuple[object, ...], caller: str
-) -> Coroutine[Any, Any, Any]:
-    """Return the coroutine to run: ``coro_or_fn`` itself, or ``coro_or_fn(*args)``.
-
-    Raises:
-        TypeError: Anything but a coroutine object or an async function (with its args).
+    A plain task started by a background task (``asyncio.create_task``, a nursery) is not
+    the background task: there this returns None.
     """
-    if _is_coroutine(coro_or_fn):
-        if args:
-            coro_or_fn.close()  # type: ignore[attr-defined]
-            raise TypeError(
-                f"{caller}() got a coroutine object and positional arguments {args!r}; pass "
-                "either a coroutine, or an async function followed by its arguments"
-            )
-        return coro_or_fn  # type: ignore[return-value]
-    if callable(coro_or_fn) and _is_async_callable(coro_or_fn):
-        coro = coro_or_fn(*args)
-        if _is_coroutine(coro):
-            return coro  # type: ignore[no-any-return]
-        raise TypeError(f"{caller}(): {coro_or_fn!r} returned {coro!r}, not a coroutine")
-    raise TypeError(
-        f"{caller}() takes a coroutine object or an async function, got {coro_or_fn!r}; "
-        "a plain function would run at once in the caller: make it `async def`, or run it "
-        "in a thread with anyio.to_thread.run_sync inside an async function"
+    entry = _current.get(None)
+    if entry is not None and entry[1] is current_native_task():
+        return entry[0]
+    return None
+
+
+def own_runner() -> BackgroundRunner | None:
+    """Return the runner of the background task running this code, if it has not closed."""
+    task = current_task()
+    if task is None or task._runner._state == "closed":
+        return None
+    return task._runner
+
+
+class BackgroundTask(Generic[T]):
+    """The handle of a task started by ``spawn``; dropping it never affects the task.
+
+    The runner keeps the task alive until it ends; the handle is only for looking at it,
+    cancelling it or waiting for it. Once the task has ended the handle keeps its outcome,
+    result or exception and trace id, but no longer its context, so the values the task
+    carried are freed with the task.
+    """
+
+    # Few slots on purpose: a runner may hold 100,000 of these (benchmarks/, case 5).
+    __slots__ = (
+        "_context",
+        "_coro",
+        "_done_event",
+        "_flags",
+        "_native",
+        "_outcome",
+        "_result",
+        "_runner",
+        "_span",
+        "_span_context",
+        "_started_at",
+        "_timeout",
+        "_trace_id",
+        "name",
     )
 
-
-def _is_async_callable(fn: object) -> bool:
-    while hasattr(fn, "func") and hasattr(fn, "args"):  # functools.partial
-        fn = fn.func
-    import inspect
-
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
-    )
-
-
-def validate_options(
-    propagation: object, span: object, timeout: object, name: object
-) -> float | None:
-    """Check ``spawn``'s keyword options eagerly; return the timeout as a float or None."""
-    check_propagation(propagation)
-    if not isinstance(span, bool):
-        raise TypeError(f"span must be True or False, got {span!r}")
-    if not span and propagation != "child":
-        raise ValueError(
-            f"propagation={propagation!r} needs span=True: with span=False the task keeps the "
-            "spawner's trace id and has no span of its own to link from or to start a new "
-            "trace with; drop propagation=, or keep the span"
+    def __init__(
+        self,
+        runner: BackgroundRunner,
+        coro: Coroutine[object, object, T],
+        name: str,
+        context: Context,
+        span: trace.Span | None,
+        span_context: trace.SpanContext,
+        timeout: float | None,
+        started_at: float,
+    ) -> None:
+        self.name: str = name
+        """The task's name (``name=`` of ``spawn``, else the coroutine's ``__qualname__``)."""
+        self._runner = runner
+        self._coro: Coroutine[object, object, T] | None = coro
+        self._context: Context | None = context
+        self._span = span
+        # The span context current in the task (for its trace id): the task span's, or the
+        # spawner's with span=False.
+        self._span_context = span_context
+        self._timeout = timeout
+        # When it was spawned, then (if it had to wait for a slot) when it started.
+        self._started_at = started_at
+        self._flags = 0
+        self._outcome: TaskOutcome | None = None
+        # What the coroutine returned (outcome OK) or the exception it raised (ERROR).
+        self._result: T | BaseException | None = None
+        self._done_event: anyio.Event | None = None
+        # The backend's cancel handle for the running task (an asyncio.Task, a CancelScope).
+        self._native: object = None
+        # The fake trace id, kept apart from the context (which is dropped at the end).
+        self._trace_id: str | None = (
+            None if span_context.is_valid else context.get(fake_trace_id_var)
         )
-    if name is not None and not isinstance(name, str):
-        raise TypeError(f"name must be a string or None, got {name!r}")
-    if timeout is None:
+
+    def __repr__(self) -> str:
+        state = self._outcome or ("running" if self._flags & _STARTED else "pending")
+        return f"<BackgroundTask {self.name!r} {state} trace_id={self.trace_id}>"
+
+    @property
+    def trace_id(self) -> str | None:
+        """The trace id the task's spans and log lines carry (32 hex chars), or a fake one.
+
+        With a task span this is the span's trace id (for ``propagation="link"`` or
+        ``"none"`` a new one); without, the spawner's trace id, or the fake trace id of the
+        task's context when no valid span was current.
+        """
+        if self._span_context.is_valid:
+            return f"{self._span_context.trace_id:032x}"
+        return self._trace_id
+
+    @property
+    def span_context(self) -> trace.SpanContext:
+        """The task span's context (invalid with ``span=False`` or when tracing is a no-op)."""
+        if self._span is None:
+            return trace.INVALID_SPAN_CONTEXT
+        return self._span.get_span_context()
+
+    @property
+    def outcome(self) -> TaskOutcome | None:
+        """How the task ended, or None while it is pending or running."""
+        return self._outcome
+
+    @property
+    def exception(self) -> BaseException | None:
+        """The exception the task raised (outcome ``"error"``), else None."""
+        if self._outcome is _ERROR:
+            return self._result  # type: ignore[return-value]
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
-    if not (timeout > 0 and math.isfinite(timeout)):
-        raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
-    return float(timeout)
 
+    def done(self) -> bool:
+        """Return True once the task has ended, whatever its outcome."""
+        return self._outcome is not None
 
-def _check_limit(name: str, value: object, minimum: int) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or None, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum} (or None for no limit), got {value!r}")
-    return value
+    def result(self) -> T:
+        """Return what the task's coroutine returned.
 
+        Raises:
+            RuntimeError: The task has not ended, or it ended without a result (timeout or
+                cancelled); the message says which.
+            Exception: The task's own exception, when its outcome is ``"error"`` (it has
+                been reported already; re-raising it here does not report it again).
+        """
+        if self._outcome is _OK:
+            return self._result  # type: ignore[return-value]
+        if self._outcome is _ERROR and isinstance(self._result, BaseException):
+            raise self._result
+        state = self._outcome or "still running"
+        raise RuntimeError(f"background task {self.name!r} has no result: {state}")
 
-def _check_seconds(name: str, value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
-    if not value >= 0:
-        raise ValueError(f"{name} must be >= 0 seconds (or None to wait forever), got {value!r}")
-    return float(value)
+    def cancel(self) -> bool:
+        """Ask the runner to cancel the task.
+
+        A pending task ends at once with outcome ``"cancelled"`` and its coroutine is closed;
+        a running one gets a cancellation at its next ``await`` and ends when its ``finally``
+        blocks have run (a task that returns anyway still ends ``"cancelled"``). Cancelling
+        a task that has ended does nothing.
+
+        Returns:
+            True if the task had not ended yet.
+        """
+        if self._outcome is not None:
+            return False
+        self._runner._cancel(self)
+        return True
+
+    async def wait(self) -> TaskOutcome:
+        """Wait until the task has ended and return its outcome; never raises its exception.
+
+        Cancelling the waiter does not cancel the task.
+        """
+        if self._outcome is None:
+            if self._done_event is None:
+                self._done_event = anyio.Event()
+            await self._done_event.wait()
+        assert self._outcome is not None
+        return self._outcome
 
 
 class BackgroundRunner:
@@ -165,9 +267,8 @@ class BackgroundRunner:
 
         *What cancels a task.* Only the runner: ``BackgroundTask.cancel()``, the task's own
         ``timeout``, or the end of the shutdown drain. The spawner returning, failing, being
-        cancelled, or its cancel scope or task group ending never reaches the task. On
-        trio the tasks live in the runner's own task group, so cancelling the scope that
-        encloses the ``async with`` block cancels them (a host shutdown, not a drain).
+        cancelled, or its cancel scope or task group ending never reaches the task, on
+        asyncio and on trio alike (on trio each task is a system task of the run).
 
         *Errors.* A task that raises ends with outcome ``"error"``: its span gets status
         ERROR with the exception recorded and ``error.type``; the ``ctxkit`` logger logs it
@@ -175,17 +276,21 @@ class BackgroundRunner:
         called if given (an exception in the hook is logged, never propagated). The event
         loop never sees the exception, so "Task exception was never retrieved" cannot
         happen. ``KeyboardInterrupt`` and ``SystemExit`` are reported the same way and then
-        propagate; cancellation is never swallowed.
+        end the program as themselves (on trio: the runner's ``async with`` block re-raises
+        them); cancellation is never swallowed.
 
         *Shutdown.* Leaving the ``async with`` block stops taking work from outside (tasks of
         this runner may still spawn), then drains: waits until no task is running or
         pending, including tasks spawned during the drain, or until ``drain_timeout``
         passes. Then it cancels what is left (pending tasks end at once, running ones are
         cancelled and awaited for at most ``cancel_timeout`` seconds; from then on not even
-        its own tasks may spawn) and logs one summary
-        line on the ``ctxkit`` logger: INFO when everything finished, WARNING naming what
-        was cancelled. Leaving the block by an exception skips nothing; leaving it because
-        the enclosing task was cancelled skips the drain and cancels at once.
+        its own tasks may spawn) and logs one summary line on the ``ctxkit`` logger: INFO
+        when nothing had to be cancelled, WARNING naming what was cancelled, longest-running
+        first, and what ignored its cancellation and still runs. Leaving the block therefore
+        takes at most ``drain_timeout + cancel_timeout`` on both backends; a task that
+        ignores its cancellation goes on running after it (on trio, ``trio.run`` waits for it
+        at the end of the run). Leaving the block by an exception skips nothing; leaving it
+        because the enclosing task was cancelled skips the drain and cancels at once.
 
     Args:
         limit: At most this many tasks run at once; None for no limit.
@@ -193,11 +298,16 @@ class BackgroundRunner:
             raises ``RunnerFullError``. None for no limit (memory then grows with the queue).
         drain_timeout: Seconds the shutdown waits for tasks to finish before cancelling them;
             None waits forever.
-        on_error: Called with a ``TaskFailure`` for each task that raised, in the task's
-            context (so ``current_trace_id()`` is the task's).
+        on_error: A plain function called with a ``TaskFailure`` for each task that raised,
+            in the task's context (so ``current_trace_id()`` is the task's).
         tracer_provider: Where task spans are created; None means the global provider.
         meter_provider: Where the ``ctxkit`` meter lives; None means the global provider.
-        cancel_timeout: Seconds the shutdown waits for cancelled tasks to finish.
+        cancel_timeout: Seconds the shutdown waits for cancelled tasks to finish; None waits
+            forever.
+
+    Raises:
+        TypeError: An option has the wrong type (``on_error`` an ``async def`` included).
+        ValueError: An option has a bad value.
     """
 
     def __init__(
@@ -209,34 +319,37 @@ class BackgroundRunner:
         on_error: Callable[[TaskFailure], object] | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
-        cancel_timeout: float = 5.0,
+        cancel_timeout: float | None = 5.0,
     ) -> None:
-        self._limit = _check_limit("limit", limit, 1)
-        self._pending_limit = _check_limit("pending_limit", pending_limit, 0)
-        self._drain_timeout = _check_seconds("drain_timeout", drain_timeout)
-        self._cancel_timeout = _check_seconds("cancel_timeout", cancel_timeout) or 0.0
-        if on_error is not None and not callable(on_error):
-            raise TypeError(f"on_error must be a callable taking a TaskFailure, got {on_error!r}")
+        self._limit = check_limit("limit", limit, 1)
+        self._pending_limit = check_limit("pending_limit", pending_limit, 0)
+        self._drain_timeout = check_seconds("drain_timeout", drain_timeout)
+        self._cancel_timeout = check_seconds("cancel_timeout", cancel_timeout)
+        check_hook(on_error)
         self._on_error = on_error
         self._tracer = get_tracer(tracer_provider)
         self._metrics = instruments_for(meter_provider)
         self._state: _State = "new"
-        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
-        self._task_group: anyio.abc.TaskGroup | None = None
-        # Running tasks in start order (a dict, not a set): shutdown cancels them in that
-        # order, which keeps waiters of one shared event cheap to wake.
+        self._backend: Backend | None = None
+        # Running tasks in start order (a dict, not a set): the summary names the oldest first.
         self._running: dict[BackgroundTask[Any], None] = {}
+        # Waiting tasks in spawn order; a cancelled one stays until popped (cancel is O(1)),
+        # so the live count is kept apart.
         self._pending: deque[BackgroundTask[Any]] = deque()
-        self._idle: anyio.Event | None = None
+        self._pending_count = 0
+        self._waiters: list[anyio.Event] = []
         self._spawned = self._ok = self._error = self._timeout = self._cancelled = 0
         self._rejected = 0
+        self._starting = False
         self._implicit = False
+        # The implicit runner, once its loop tears down: the names the teardown cancelled.
+        self._torn_down: list[str] | None = None
 
     def __repr__(self) -> str:
-        s = self.statistics()
         return (
-            f"<BackgroundRunner {self._state} running={s.running} pending={s.pending} "
-            f"limit={self._limit} pending_limit={self._pending_limit}>"
+            f"<BackgroundRunner {self._state} running={len(self._running)} "
+            f"pending={self._pending_count} limit={self._limit} "
+            f"pending_limit={self._pending_limit}>"
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -244,22 +357,14 @@ class BackgroundRunner:
     async def __aenter__(self) -> BackgroundRunner:
         if self._state != "new":
             raise RuntimeError(f"{self!r} was already entered; make a new BackgroundRunner")
-        self._open()
+        self._open(implicit=False)
         loop_runners().add(self)
-        if self._loop is None:
-            task_group = anyio.create_task_group()
-            await task_group.__aenter__()
-            self._task_group = task_group
         return self
 
-    def _open(self) -> None:
-        """Start taking work, bound to the running event loop (no task group needed here)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None
-        else:
-            self._loop = weakref.ref(loop)
+    def _open(self, *, implicit: bool) -> None:
+        """Bind to the event loop running in this thread and start taking work."""
+        self._backend = open_backend(self._task_started, self._task_ended, watch_unstarted=implicit)
+        self._implicit = implicit
         self._state = "open"
         self._metrics.watch(self)
 
@@ -269,6 +374,7 @@ class BackgroundRunner:
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
     ) -> bool | None:
+        assert self._backend is not None
         try:
             await self._shutdown(
                 skip_drain=exc_type is not None and issubclass(exc_type, _cancelled_types())
@@ -276,48 +382,42 @@ class BackgroundRunner:
         finally:
             self._state = "closed"
             loop_runners().remove(self)
-            if self._task_group is not None:
-                # Every task has ended (or ignored its cancellation): close the group without
-                # the body's exception, so that it propagates as it is, not in a group.
-                task_group, self._task_group = self._task_group, None
-                try:
-                    await task_group.__aexit__(None, None, None)
-                except BaseExceptionGroup as group:
-                    # Tasks report and keep every Exception, so only a KeyboardInterrupt or
-                    # SystemExit of a task gets here: raise it as itself, as on asyncio, not
-                    # wrapped in a group the caller never made.
-                    if len(group.exceptions) == 1 and not isinstance(
-                        group.exceptions[0], BaseExceptionGroup
-                    ):
-                        raise group.exceptions[0] from None
-                    raise
-        return None
+            absorbed = self._backend.exit(exc_type, exc_val, exc_tb)
+        return absorbed or None
 
     async def _shutdown(self, *, skip_drain: bool) -> None:
         self._state = "draining"
-        reason = "the task holding the runner was cancelled"
+        reason: str | None = "the task holding the runner was cancelled"
         try:
             if not skip_drain:
                 reason = "its shutdown was cancelled"
                 try:
                     await self.drain(self._drain_timeout)
+                    reason = None
                 except TimeoutError:
-                    reason = f"drain_timeout={self._drain_timeout}s passed"
+                    reason = f"drain_timeout={_seconds(self._drain_timeout)} passed"
         finally:
             # From here on not even the runner's own tasks may spawn (say, from a finally
             # block run by the cancellation): that work would escape the cancellation.
             self._state = "cancelling"
             running = list(self._running)
-            pending = list(self._pending)
+            pending = self._live_pending()
             for task in (*pending, *running):
                 task.cancel()
             if running:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(self._cancel_timeout):
-                    await self.drain()
+                timeout = math.inf if self._cancel_timeout is None else self._cancel_timeout
+                with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+                    await self._wait_idle(None)
             self._log_summary(reason, running, pending)
 
+    def _live_pending(self) -> list[BackgroundTask[Any]]:
+        return [task for task in self._pending if task._outcome is None]
+
     def _log_summary(
-        self, reason: str, running: list[BackgroundTask[Any]], pending: list[BackgroundTask[Any]]
+        self,
+        reason: str | None,
+        running: list[BackgroundTask[Any]],
+        pending: list[BackgroundTask[Any]],
     ) -> None:
         stats = self.statistics()
         counts = (
@@ -325,20 +425,21 @@ class BackgroundRunner:
             f"timeout={stats.timeout} cancelled={stats.cancelled} rejected={stats.rejected}"
         )
         if not running and not pending:
-            logger.info("ctxkit runner shut down, every task finished: %s", counts)
+            if stats.error or stats.timeout or stats.cancelled:
+                logger.info("ctxkit runner shut down, no task left to cancel: %s", counts)
+            else:
+                logger.info("ctxkit runner shut down, every task finished: %s", counts)
             return
-        names = [task.name for task in (*running, *pending)]
-        shown = ", ".join(names[:_SUMMARY_NAMES])
-        if len(names) > _SUMMARY_NAMES:
-            shown += f", and {len(names) - _SUMMARY_NAMES} more"
-        stuck = len(self._running)
+        stuck = list(self._running)
         logger.warning(
             "ctxkit runner shut down, %s: cancelled %d running and %d pending tasks (%s)%s; %s",
             reason,
             len(running),
             len(pending),
-            shown,
-            f"; {stuck} ignored cancellation and are still running" if stuck else "",
+            _names(running + pending),
+            f"; {len(stuck)} ignored cancellation and are still running ({_names(stuck)})"
+            if stuck
+            else "",
             counts,
         )
 
@@ -346,6 +447,8 @@ class BackgroundRunner:
         """Wait until no task is running or pending, including tasks spawned meanwhile.
 
         The runner keeps taking work; this only waits. Cancelling the waiter cancels no task.
+        Called from one of this runner's own tasks, it waits for every *other* task (a task
+        never waits for itself).
 
         Args:
             timeout: Give up after this many seconds; None waits as long as it takes.
@@ -353,19 +456,23 @@ class BackgroundRunner:
         Raises:
             TimeoutError: ``timeout`` passed with tasks still running or pending (they go on).
         """
-        timeout = _check_seconds("timeout", timeout)
+        timeout = check_seconds("timeout", timeout)
+        me = current_task()
         with anyio.fail_after(timeout):
-            while self._running or self._pending:
-                if self._idle is None:
-                    self._idle = anyio.Event()
-                await self._idle.wait()
+            await self._wait_idle(me if me is not None and me._runner is self else None)
+
+    async def _wait_idle(self, me: BackgroundTask[Any] | None) -> None:
+        while len(self._running) + self._pending_count > (me is not None and me in self._running):
+            event = anyio.Event()
+            self._waiters.append(event)
+            await event.wait()
 
     def statistics(self) -> RunnerStatistics:
         """Return a snapshot of the counters (see ``RunnerStatistics``)."""
         return RunnerStatistics(
             spawned=self._spawned,
             running=len(self._running),
-            pending=len(self._pending),
+            pending=self._pending_count,
             ok=self._ok,
             error=self._error,
             timeout=self._timeout,
@@ -459,101 +566,24 @@ class BackgroundRunner:
             RunnerClosedError: The runner is not open, or is shutting down and the caller is
                 not one of its tasks.
             RunnerFullError: ``limit`` tasks run and ``pending_limit`` wait already.
+            RuntimeError: Called from another event loop or thread than the runner's.
         """
-        return self._submit(coro_or_fn, args, vars, name, propagation, span, timeout)
-
-    def _submit(
-        self,
-        coro_or_fn: Any,
-        args: tuple[object, ...],
-        vars: Iterable[ContextVar[Any]],
-        name: str | None,
-        propagation: Propagation,
-        span: bool,
-        timeout: float | None,
-    ) -> BackgroundTask[Any]:
-        """``spawn`` with its arguments as given (``ctxkit.spawn`` calls it directly).
-
-        This is the hot path of ctxkit: the common case (a coroutine, default options, an
-        open runner with room) runs straight through, every other case takes a detour.
-        """
-        if type(coro_or_fn) is CoroutineType and not args:
-            coro: Coroutine[Any, Any, Any] = coro_or_fn
-        else:
-            coro = prepare_coroutine(coro_or_fn, args, "spawn")
-        try:
-            if (
-                propagation != "child"
-                or timeout is not None
-                or name is not None
-                or (span is not True and span is not False)
-            ):
-                timeout = validate_options(propagation, span, timeout, name)
-            plan = plan_for(vars, "spawn")
-            loop = _get_running_loop()
-            if self._state != "open" or (self._loop is not None and loop is not self._loop()):
-                self._check_accepting()
-            else:
-                limit = self._limit
-                if limit is not None and len(self._running) >= limit:
-                    pending_limit = self._pending_limit
-                    if pending_limit is not None and len(self._pending) >= pending_limit:
-                        self._check_room()  # raises RunnerFullError
-        except BaseException:
-            coro.close()
-            raise
-        if name is None:
-            name = (
-                coro.__qualname__
-                if type(coro) is CoroutineType
-                else getattr(coro, "__qualname__", None) or repr(coro)
-            )
-        if span:
-            task_span: trace.Span | None = start_span(
-                self._tracer,
-                name,
-                otel_context.get_current(),
-                propagation,
-                attributes={"ctxkit.async": True, "ctxkit.task.name": name},
-            )
-            context, span_context = build_clone(plan, None, task_span, propagation)
-        else:
-            task_span = None
-            context, span_context = plan.current()
-        task = BackgroundTask(
-            self, coro, name, context, task_span, span_context, timeout, perf_counter()
-        )
-        self._spawned += 1
-        limit = self._limit
-        if limit is not None and len(self._running) >= limit:
-            self._pending.append(task)
-        elif self._loop is not None:  # asyncio: the loop is the running one, checked above
-            self._running[task] = None
-            self._metrics.wait.record(0.0)
-            impl = loop.create_task(_run_asyncio(task), name=name, context=context)  # type: ignore[union-attr]
-            if self._implicit:
-                # Only the implicit runner needs this: asyncio.run may cancel its tasks before
-                # their first step, with no shutdown of ours to account for them. An entered
-                # runner's shutdown finds such tasks itself (see _cancel).
-                impl.add_done_callback(task._impl_done_callback)
-            task._impl = impl
-        else:
-            self._start_in_group(task, 0.0)
-        return task
+        return submit(self, coro_or_fn, args, vars, name, propagation, span, timeout)
 
     def _check_accepting(self) -> None:
-        """Raise why a spawn is refused (``_submit`` calls this only off its fast path).
+        """Raise why a spawn is refused (``submit`` calls this only off its fast path).
 
         The one spawn let through here is one from a task of this runner while it drains.
         """
         state = self._state
         if state == "open":  # so the spawn came from another event loop or thread
+            assert self._backend is not None
             raise RuntimeError(
-                f"{self!r} belongs to another event loop or thread; spawn from its own loop "
-                "(from other threads use loop.call_soon_threadsafe or anyio.from_thread)"
+                f"{self!r} belongs to another event loop or thread; spawn from its own "
+                f"{self._backend.name} loop"
             )
         if state == "draining":
-            task = _current_task.get(None)
+            task = current_task()
             if task is not None and task._runner is self:
                 self._check_room()
                 return
@@ -576,7 +606,7 @@ class BackgroundRunner:
         if limit is None or len(self._running) < limit:
             return
         pending_limit = self._pending_limit
-        if pending_limit is None or len(self._pending) < pending_limit:
+        if pending_limit is None or self._pending_count < pending_limit:
             return
         self._rejected += 1
         self._metrics.rejected.add(1)
@@ -585,154 +615,147 @@ class BackgroundRunner:
             "raise limit/pending_limit, or slow the producer down"
         )
 
-    def _start_in_group(self, task: BackgroundTask[Any], waited: float) -> None:
-        """Start ``task`` in the runner's task group (not asyncio), after ``waited`` seconds.
-
-        On asyncio ``_submit`` and ``_start_next`` start tasks themselves (inlined: it is the
-        hot path).
-        """
-        assert self._task_group is not None
+    def _admit(self, task: BackgroundTask[Any]) -> None:
+        """Count an accepted task and start it, or queue it when ``limit`` tasks run."""
+        self._spawned += 1
+        limit = self._limit
+        if limit is not None and len(self._running) >= limit:
+            self._pending.append(task)
+            self._pending_count += 1
+            return
         self._running[task] = None
-        self._metrics.wait.record(waited)
-        self._task_group.create_task(self._run_anyio(task), name=task.name, context=task._context)
+        self._metrics.wait.record(0.0)
+        assert self._backend is not None
+        assert task._coro is not None
+        assert task._context is not None
+        self._backend.start(task, task._coro, task._context, task.name, task._timeout)
 
-    # -- running ---------------------------------------------------------------------------
+    def _start_next(self) -> None:
+        """Start queued tasks while there is room, as a loop that never re-enters itself."""
+        if self._starting:
+            return  # a task ended while being started: the loop below goes on
+        self._starting = True
+        try:
+            pending = self._pending
+            running = self._running
+            limit = self._limit
+            backend = self._backend
+            assert backend is not None
+            while (
+                self._pending_count
+                and (limit is None or len(running) < limit)
+                and self._state in ("open", "draining")
+            ):
+                task = pending.popleft()
+                if task._outcome is not None:
+                    continue  # cancelled while it waited
+                self._pending_count -= 1
+                now = perf_counter()
+                waited = now - task._started_at  # until now, the time of its spawn
+                task._started_at = now
+                if task._span is not None:
+                    task._span.add_event("ctxkit.task.started", {"ctxkit.task.wait_s": waited})
+                running[task] = None
+                self._metrics.wait.record(waited)
+                assert task._coro is not None
+                assert task._context is not None
+                backend.start(task, task._coro, task._context, task.name, task._timeout)
+        finally:
+            self._starting = False
 
-    def _failed(self, task: BackgroundTask[Any], exc: BaseException) -> bool:
-        """Account for an asyncio task whose coroutine raised ``exc``; True: re-raise it."""
-        if isinstance(exc, asyncio.CancelledError):
-            self._finish(task, _CANCELLED)
-            return True
-        if isinstance(exc, Exception):
-            if isinstance(exc, TimeoutError) and task._flags & TIMED_OUT:
-                self._finish(task, _TIMEOUT)
-            else:
-                self._finish(task, _ERROR, exc)
+    # -- the backend's two callbacks ---------------------------------------------------------
+
+    def _task_started(self, task: object, native: object) -> bool:
+        """First thing in a task, in its context: False if it was cancelled before it ran."""
+        assert isinstance(task, BackgroundTask)
+        if task._flags & _CANCEL_REQUESTED:
             return False
-        # KeyboardInterrupt, SystemExit: report, then let the loop re-raise it; retrieve it
-        # from the task afterwards, so asyncio does not also log "exception was never
-        # retrieved" for what was reported already.
-        self._finish(task, _ERROR, exc)
-        impl = task._impl
-        if isinstance(impl, asyncio.Task):
-            impl.add_done_callback(_retrieve)
+        task._native = native
+        task._flags |= _STARTED
+        _current.set((task, current_native_task()))
         return True
 
-    async def _run_anyio(self, task: BackgroundTask[Any]) -> None:
-        coro = task._coro
-        assert coro is not None
-        if task._flags & CANCEL_REQUESTED:  # cancelled between spawn and its first step
-            coro.close()
-            self._finish(task, _CANCELLED)
-            return
-        task._flags |= STARTED
-        _current_task.set(task)
-        deadline = math.inf if task._timeout is None else anyio.current_time() + task._timeout
-        cancelled = anyio.get_cancelled_exc_class()
-        try:
-            with anyio.CancelScope(deadline=deadline) as scope:
-                task._impl = scope
-                result = await coro
-        except cancelled:
-            self._finish(task, _CANCELLED)
-            raise
-        except Exception as exc:
-            self._finish(task, _ERROR, exc)
-        except BaseException as exc:
-            self._finish(task, _ERROR, exc)
-            raise
-        else:
-            if scope.cancelled_caught:
-                timed_out = not task._flags & CANCEL_REQUESTED and anyio.current_time() >= deadline
-                self._finish(task, _TIMEOUT if timed_out else _CANCELLED)
-            else:
-                self._finish(task, _OK, result)
-
-    def _account_unstarted(self, task: BackgroundTask[Any]) -> None:
-        """Account for an asyncio task that was cancelled before its first step.
-
-        ``asyncio.run`` (and anything else that cancels every task) may cancel a task before
-        it ever ran; its wrapper coroutine then never executes, so its outcome is recorded
-        here, from the asyncio task's done-callback.
-        """
-        coro = task._coro
-        if coro is not None:
-            coro.close()
-        self._finish(task, _CANCELLED)
+    def _task_ended(self, task: object, outcome: TaskOutcome, value: object) -> None:
+        """Finish a task that ran (or was started): bookkeeping first, then its reports."""
+        assert isinstance(task, BackgroundTask)
+        if task._outcome is not None:
+            return  # reported twice (an implicit runner's done-callback): the first counts
+        if outcome is _OK and task._flags & _CANCEL_REQUESTED:
+            outcome, value = _CANCELLED, None  # it returned although it was cancelled
+        del self._running[task]
+        self._record(task, outcome, value, ran=True)
+        if (
+            outcome is _CANCELLED
+            and self._implicit
+            and self._torn_down is None
+            and not task._flags & _CANCEL_REQUESTED
+        ):
+            self._check_teardown()
+        if self._pending_count:
+            self._start_next()
+        self._report(task, outcome, value)
 
     def _cancel(self, task: BackgroundTask[Any]) -> None:
         """Cancel ``task`` (called by ``BackgroundTask.cancel`` for a task not yet ended)."""
-        task._flags |= CANCEL_REQUESTED
-        if (
-            not task._flags & STARTED
-            and task in self._running
-            and isinstance(task._impl, asyncio.Task)
-        ):
-            # Started on asyncio but not stepped yet: its wrapper coroutine will never run, so
-            # account for it here; the done-callback sees the outcome and does nothing more.
-            assert task._coro is not None
-            task._coro.close()
-            self._finish(task, _CANCELLED)
-            task._impl.cancel()
-        elif task in self._running:
-            if task._impl is not None:
-                task._impl.cancel()
-        else:  # pending: it never ran
-            self._pending.remove(task)
-            assert task._coro is not None
-            task._coro.close()
-            self._finish(task, _CANCELLED, None, True)
+        task._flags |= _CANCEL_REQUESTED
+        if task in self._running:
+            if task._flags & _STARTED:
+                assert self._backend is not None
+                self._backend.cancel(task._native)
+            # else: started but not yet run; its first step sees the flag and ends at once
+            return
+        # Pending: it never ran. It stays in the queue until popped (see _start_next).
+        self._pending_count -= 1
+        assert task._coro is not None
+        task._coro.close()
+        self._record(task, _CANCELLED, None, ran=False)
+        self._report(task, _CANCELLED, None)
+        if len(self._pending) > 2 * self._pending_count + 64:
+            self._pending = deque(self._live_pending())
 
-    def _finish(
-        self,
-        task: BackgroundTask[Any],
-        outcome: TaskOutcome,
-        result: object = None,
-        was_pending: bool = False,
+    # -- finishing ---------------------------------------------------------------------------
+
+    def _record(
+        self, task: BackgroundTask[Any], outcome: TaskOutcome, value: object, *, ran: bool
     ) -> None:
-        """Record how ``task`` ended; ``result`` is its return value, or for ERROR its exception."""
+        """Bookkeeping of a task's end (no user code): handle, counters, metrics, waiters."""
         task._outcome = outcome
-        task._result = result
+        task._result = value
         task._coro = None
-        metrics = self._metrics
+        task._context = None
+        task._native = None
         if outcome is _OK:
             self._ok += 1
-            value = "ok"
-        else:
-            value = self._count(outcome)
-        attributes = metrics.by_outcome[value].get(task.name) or metrics.attributes(
-            task.name, value
-        )
-        metrics.finished.add(1, attributes)
-        if not was_pending:
-            del self._running[task]
-            metrics.duration.record(perf_counter() - task._started_at, attributes)
-        exception = result if outcome is _ERROR else None
-        if task._span is not None:
-            _end_span(task, task._span, outcome, value, exception)  # type: ignore[arg-type]
-        if outcome is not _OK:
-            self._report(task, outcome, exception)  # type: ignore[arg-type]
-        if task._done_event is not None:
-            task._done_event.set()
-        if self._pending or self._idle is not None:
-            self._start_next()
-
-    def _count(self, outcome: TaskOutcome) -> str:
-        """Count a task that did not end OK; return the outcome's string."""
-        if outcome is _ERROR:
+        elif outcome is _ERROR:
             self._error += 1
         elif outcome is _TIMEOUT:
             self._timeout += 1
         else:
             self._cancelled += 1
-        return _OUTCOME_VALUES[outcome]  # Enum.value is a slow property on Python 3.11
+        metrics = self._metrics
+        value_name = _OUTCOME_VALUES[outcome]  # Enum.value is a slow property on Python 3.11
+        attributes = metrics.by_outcome[value_name].get(task.name) or metrics.attributes(
+            task.name, value_name
+        )
+        metrics.finished.add(1, attributes)
+        if ran:
+            metrics.duration.record(perf_counter() - task._started_at, attributes)
+        if task._done_event is not None:
+            task._done_event.set()
+        if self._waiters and len(self._running) + self._pending_count <= 1:
+            waiters, self._waiters = self._waiters, []
+            for event in waiters:
+                event.set()
 
-    def _report(
-        self, task: BackgroundTask[Any], outcome: TaskOutcome, exception: BaseException | None
-    ) -> None:
-        """Log a task that did not end OK (and call ``on_error`` for an error)."""
-        if exception is not None:
-            self._report_error(task, exception)
+    def _report(self, task: BackgroundTask[Any], outcome: TaskOutcome, value: object) -> None:
+        """Tell the world how ``task`` ended: its span, a log line, ``on_error``."""
+        exception = value if outcome is _ERROR else None
+        if task._span is not None:
+            _end_span(task, task._span, outcome, exception)  # type: ignore[arg-type]
+        if outcome is _OK:
+            pass
+        elif exception is not None:
+            self._report_error(task, exception)  # type: ignore[arg-type]
         elif outcome is _TIMEOUT:
             logger.warning(
                 "background task %r timed out after %ss and was cancelled [trace_id=%s]",
@@ -740,15 +763,10 @@ class BackgroundRunner:
                 task._timeout,
                 task.trace_id,
             )
-        elif not task._flags & CANCEL_REQUESTED:
-            logger.warning(
-                "background task %r was cancelled from outside its runner before it finished "
-                "[trace_id=%s]",
-                task.name,
-                task.trace_id,
-            )
-            if self._implicit and self._loop_tearing_down():
-                self._close_implicit()
+        elif not task._flags & _CANCEL_REQUESTED:
+            self._report_outside_cancel(task)
+        if self._torn_down is not None and not self._running:
+            self._log_teardown()
 
     def _report_error(self, task: BackgroundTask[Any], exception: BaseException) -> None:
         logger.error(
@@ -765,67 +783,131 @@ class BackgroundRunner:
             except Exception:
                 logger.exception("the on_error hook of %r raised", self)
 
-    def _loop_tearing_down(self) -> bool:
-        """Tell whether every task of the loop is being cancelled, as ``asyncio.run`` does last.
+    def _check_teardown(self) -> None:
+        """Close the implicit runner if its loop is going away (``asyncio.run``'s end).
 
-        That is the sign, for the implicit runner (which no ``async with`` shuts down), that
-        its loop is going away: tasks started from now on would never be cancelled or run. A
-        single task cancelled from outside is not: other tasks of the loop still run.
+        Tasks started from then on would never run or be cancelled: take no more work, drop
+        what waits, and say once, when the last task has ended, what the teardown cancelled.
         """
-        if self._loop is None or (loop := self._loop()) is None:
-            return False
-        return all(task.done() or task.cancelling() for task in asyncio.all_tasks(loop))
-
-    def _close_implicit(self) -> None:
-        """Close the implicit runner at its loop's teardown: take no work, drop what waits."""
+        assert self._backend is not None
+        if not self._backend.tearing_down():
+            return
+        self._torn_down = []
         self._state = "closed"
-        for task in list(self._pending):
-            task.cancel()
+        for waiting in self._live_pending():
+            self._torn_down.append(waiting.name)
+            waiting.cancel()
 
-    def _start_next(self) -> None:
-        """Start waiting tasks while there is room; wake ``drain`` when nothing is left."""
-        pending = self._pending
-        running = self._running
-        limit = self._limit
-        if pending and self._state in ("open", "draining"):
-            loop = None if self._loop is None else self._loop()
-            wait = self._metrics.wait
-            while pending and (limit is None or len(running) < limit):
-                task = pending.popleft()
-                now = perf_counter()
-                waited = now - task._started_at  # until now, the time of its spawn
-                task._started_at = now
-                if task._span is not None:
-                    task._span.add_event("ctxkit.task.started", {"ctxkit.task.wait_s": waited})
-                if loop is None:
-                    self._start_in_group(task, waited)
-                    continue
-                running[task] = None  # as in _submit
-                wait.record(waited)
-                impl = loop.create_task(_run_asyncio(task), name=task.name, context=task._context)
-                if self._implicit:
-                    impl.add_done_callback(task._impl_done_callback)
-                task._impl = impl
-        if not pending and not running and self._idle is not None:
-            self._idle.set()
-            self._idle = None
+    def _report_outside_cancel(self, task: BackgroundTask[Any]) -> None:
+        """Log a task cancelled by something else than its runner (once per loop teardown)."""
+        if self._torn_down is not None:
+            self._torn_down.append(task.name)
+            return
+        logger.warning(
+            "background task %r was cancelled from outside its runner before it finished "
+            "[trace_id=%s]",
+            task.name,
+            task.trace_id,
+        )
+
+    def _log_teardown(self) -> None:
+        names, self._torn_down = self._torn_down or [], []
+        stats = self.statistics()
+        logger.warning(
+            "ctxkit's implicit runner: the event loop shut down and cancelled %d background "
+            "tasks (%s); open a BackgroundRunner around the app to drain them instead; "
+            "spawned=%d ok=%d error=%d timeout=%d cancelled=%d",
+            len(names),
+            _names(names),
+            stats.spawned,
+            stats.ok,
+            stats.error,
+            stats.timeout,
+            stats.cancelled,
+        )
 
 
-_OUTCOME_VALUES: Final = {outcome: outcome.value for outcome in TaskOutcome}
-_OK: Final = TaskOutcome.OK
-_ERROR: Final = TaskOutcome.ERROR
-_TIMEOUT: Final = TaskOutcome.TIMEOUT
-_CANCELLED: Final = TaskOutcome.CANCELLED
+def open_implicit_runner() -> BackgroundRunner:
+    """Return a new, open runner for a loop where none was opened (asyncio, default limits).
+
+    Nobody drains it: at its loop's end (``asyncio.run``) what still runs is cancelled, and
+    one summary line says what.
+    """
+    runner = BackgroundRunner()
+    runner._open(implicit=True)
+    return runner
+
+
+def submit(
+    runner: BackgroundRunner,
+    coro_or_fn: Any,
+    args: tuple[object, ...],
+    vars: Iterable[ContextVar[Any]],
+    name: str | None,
+    propagation: Propagation,
+    span: bool,
+    timeout: float | None,
+) -> BackgroundTask[Any]:
+    """``runner.spawn`` with its arguments as given (``ctxkit.spawn`` calls it directly).
+
+    This is the hot path of ctxkit: the common case (a coroutine, default options, an open
+    runner with room, called on its loop) runs straight through; every other case detours.
+    """
+    if type(coro_or_fn) is CoroutineType and not args:
+        coro: Coroutine[Any, Any, Any] = coro_or_fn
+    else:
+        coro = prepare_coroutine(coro_or_fn, args, "spawn")
+    try:
+        if (
+            propagation != "child"
+            or timeout is not None
+            or name is not None
+            or (span is not True and span is not False)
+        ):
+            timeout = validate_options(propagation, span, timeout, name)
+        plan = plan_for(vars, "spawn")
+        backend = runner._backend
+        if runner._state != "open" or backend is None or not backend.is_current():
+            runner._check_accepting()
+        else:
+            limit = runner._limit
+            if limit is not None and len(runner._running) >= limit:
+                pending_limit = runner._pending_limit
+                if pending_limit is not None and runner._pending_count >= pending_limit:
+                    runner._check_room()  # raises RunnerFullError
+    except BaseException:
+        coro.close()
+        raise
+    if name is None:
+        name = (
+            coro.__qualname__
+            if type(coro) is CoroutineType
+            else getattr(coro, "__qualname__", None) or repr(coro)
+        )
+    task_span: trace.Span | None = None
+    if span:
+        task_span = start_span(
+            runner._tracer,
+            name,
+            otel_context.get_current(),
+            propagation,
+            attributes={"ctxkit.async": True, "ctxkit.task.name": name},
+        )
+    context, span_context = build_clone(plan, None, task_span, propagation)
+    task = BackgroundTask(
+        runner, coro, name, context, task_span, span_context, timeout, perf_counter()
+    )
+    runner._admit(task)
+    return task
 
 
 def _end_span(
     task: BackgroundTask[Any],
     span: trace.Span,
     outcome: TaskOutcome,
-    value: str,
     exception: BaseException | None,
 ) -> None:
-    span.set_attribute("ctxkit.task.outcome", value)
+    span.set_attribute("ctxkit.task.outcome", _OUTCOME_VALUES[outcome])
     if exception is not None:
         span.set_status(Status(StatusCode.ERROR, f"{type(exception).__name__}: {exception}"))
         span.record_exception(exception)
@@ -836,42 +918,23 @@ def _end_span(
     span.end()
 
 
-async def _run_asyncio(task: BackgroundTask[Any]) -> None:
-    """The coroutine of a task's ``asyncio.Task``: run the task's coroutine, report its end.
-
-    Few locals on purpose: its frame is part of the memory each pending task holds.
-    """
-    task._flags |= STARTED
-    _current_task.set(task)
-    try:
-        result = await (task._coro if task._timeout is None else _run_timed(task))  # type: ignore[misc]
-    except BaseException as exc:
-        if task._runner._failed(task, exc):
-            raise
-    else:
-        task._runner._finish(task, _OK, result)
+def _names(names: Iterable[BackgroundTask[Any] | str]) -> str:
+    shown = [item if isinstance(item, str) else item.name for item in names]
+    text = ", ".join(shown[:_SUMMARY_NAMES])
+    if len(shown) > _SUMMARY_NAMES:
+        text += f", and {len(shown) - _SUMMARY_NAMES} more"
+    return text
 
 
-async def _run_timed(task: BackgroundTask[Any]) -> object:
-    """Await the task's coroutine under its ``timeout``; flag the task if the timeout hit."""
-    assert task._coro is not None
-    assert task._timeout is not None
-    deadline = asyncio.timeout(task._timeout)
-    try:
-        async with deadline:
-            return await task._coro
-    except TimeoutError:
-        if deadline.expired():
-            task._flags |= TIMED_OUT
-        raise
-
-
-def _retrieve(impl: asyncio.Task[None]) -> None:
-    if not impl.cancelled():
-        impl.exception()
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "None"
+    return f"{value!r}s"
 
 
 def _cancelled_types() -> tuple[type[BaseException], ...]:
+    import asyncio
+
     try:
         return (asyncio.CancelledError, anyio.get_cancelled_exc_class())
     except Exception:  # pragma: no cover - no async library running

@@ -8,28 +8,21 @@ from __future__ import annotations
 
 import functools
 import inspect
-from asyncio import _get_running_loop
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import anyio
 
-from . import _registry
 from ._clone import selection
 from ._errors import NoRunnerError, RunnerClosedError
+from ._options import is_coroutine, validate_options
 from ._registry import LoopRunners, loop_runners
-from ._runner import (
-    BackgroundRunner,
-    _current_task,
-    _is_coroutine,
-    current_task,
-    validate_options,
-)
+from ._runner import BackgroundRunner, open_implicit_runner, own_runner, submit
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
     from contextvars import ContextVar
 
-    from ._task import BackgroundTask
+    from ._runner import BackgroundTask
     from ._trace import Propagation
 
 __all__ = ["current_runner", "drain", "fire_and_forget", "spawn"]
@@ -51,20 +44,14 @@ def current_runner() -> BackgroundRunner:
         RunnerClosedError: Every runner opened in this loop has shut down or is shutting down.
         NoRunnerError: No event loop is running, or on trio no runner is open.
     """
-    task = current_task()
-    if task is not None and task._runner._state in ("open", "draining", "cancelling"):
-        return task._runner
+    runner = own_runner()
+    if runner is not None:
+        return runner
     state = loop_runners()
     for runner in state.runners:
         if runner.accepting:
-            break
-    else:
-        runner = _fallback(state)
-    if state.asyncio and runner._state == "open" and runner._loop is not None:
-        # Runners only ever leave "open", and one opened later comes later in the list, so
-        # this stays the answer while it is open and the registry does not change.
-        _registry.hot = (runner._loop, runner)
-    return runner
+            return runner
+    return _fallback(state)
 
 
 def _fallback(state: LoopRunners) -> BackgroundRunner:
@@ -76,17 +63,14 @@ def _fallback(state: LoopRunners) -> BackgroundRunner:
             "the BackgroundRunner of this event loop has shut down; spawn work before the app's "
             "shutdown, or open a runner around this code"
         )
-    if not state.asyncio:
+    if not state.implicit_allowed:
         raise NoRunnerError(
             "ctxkit.spawn on trio needs an open runner: wrap the program (or the nursery that "
             "serves requests) in `async with ctxkit.BackgroundRunner():`, or call "
             "runner.spawn(...) on one"
         )
     if state.implicit is None:
-        implicit = BackgroundRunner()
-        implicit._open()
-        implicit._implicit = True
-        state.implicit = implicit
+        state.implicit = open_implicit_runner()
     return state.implicit
 
 
@@ -140,23 +124,13 @@ def spawn(
         RunnerFullError: The runner is full.
         NoRunnerError: No event loop, or trio without an open runner.
     """
-    hot = _registry.hot
-    if (
-        hot is not None
-        and hot[1]._state == "open"
-        and (loop := _get_running_loop()) is not None
-        and hot[0]() is loop
-        and _current_task.get(None) is None
-    ):
-        runner = hot[1]  # the answer of the last current_runner(), still right
-    else:
-        try:
-            runner = current_runner()
-        except BaseException:
-            if _is_coroutine(coro_or_fn):
-                coro_or_fn.close()
-            raise
-    return runner._submit(coro_or_fn, args, vars, name, propagation, span, timeout)
+    try:
+        runner = current_runner()
+    except BaseException:
+        if is_coroutine(coro_or_fn):
+            coro_or_fn.close()
+        raise
+    return submit(runner, coro_or_fn, args, vars, name, propagation, span, timeout)
 
 
 async def drain(timeout: float | None = None) -> None:
@@ -164,6 +138,7 @@ async def drain(timeout: float | None = None) -> None:
 
     This covers the runners opened in this loop and the implicit asyncio runner, including
     tasks spawned while waiting. It is how tests and scripts wait for fire-and-forget work.
+    Called from a background task, it waits for every task but that one.
 
     Args:
         timeout: Give up after this many seconds; None waits as long as it takes.
@@ -176,11 +151,16 @@ async def drain(timeout: float | None = None) -> None:
     with anyio.fail_after(timeout):
         while True:
             runners = [*state.runners, *([state.implicit] if state.implicit else [])]
-            busy = [r for r in runners if r.statistics().running or r.statistics().pending]
-            if not busy:
-                return
-            for runner in busy:
+            for runner in runners:
                 await runner.drain()
+            if all(_idle(runner) for runner in runners):
+                return
+
+
+def _idle(runner: BackgroundRunner) -> bool:
+    stats = runner.statistics()
+    own = own_runner() is runner
+    return stats.running + stats.pending <= own
 
 
 @overload

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from opentelemetry import trace
 
-from ._runner import BackgroundRunner
-from ._task import BackgroundTask, TaskFailure
+from ._registry import loop_runners
+from ._runner import BackgroundRunner, BackgroundTask
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from ._task import TaskFailure
 
 __all__ = ["SpanLike", "SpanRecorder", "open_runner"]
 
@@ -351,6 +353,10 @@ async def open_runner(
     left_over = 0
     logger = logging.getLogger("ctxkit")
     logger.addHandler(records)
+    # The runner is the test's, not the loop's: once it closes, the loop is as before (a later
+    # test on a shared loop still gets the implicit runner, not RunnerClosedError).
+    loop_state = loop_runners()
+    opened_before = loop_state.ever_opened
     try:
         async with runner:
             yield runner
@@ -361,6 +367,7 @@ async def open_runner(
                 left_over = stats.running + stats.pending
     finally:
         logger.removeHandler(records)
+        loop_state.ever_opened = opened_before
     problems: list[str] = []
     if fail_on_error:
         problems.extend(

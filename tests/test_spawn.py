@@ -305,11 +305,11 @@ class TestImplicitRunner:
     ) -> None:
         """A stray outside cancel of one implicit task is logged; the runner keeps working."""
         release = anyio.Event()
-        stray = ctxkit.spawn(wait_for, release, name="stray")
+        impls: list[asyncio.Task[Any]] = []
+        stray = ctxkit.spawn(wait_recording_task, release, impls, name="stray")
         other = ctxkit.spawn(wait_for, release)
         await anyio.lowlevel.checkpoint()
-        assert isinstance(stray._impl, asyncio.Task)
-        stray._impl.cancel()
+        impls[0].cancel()
         assert await stray.wait() == "cancelled"
         assert ctxkit.current_runner().accepting
         release.set()
@@ -321,10 +321,10 @@ class TestImplicitRunner:
     async def test_its_only_task_cancelled_from_outside_leaves_the_runner_open(self) -> None:
         """Cancelling the implicit runner's only task from outside is no loop teardown."""
         release = anyio.Event()
-        lone = ctxkit.spawn(wait_for, release, name="lone")
+        impls: list[asyncio.Task[Any]] = []
+        lone = ctxkit.spawn(wait_recording_task, release, impls, name="lone")
         await anyio.lowlevel.checkpoint()
-        assert isinstance(lone._impl, asyncio.Task)
-        lone._impl.cancel()
+        impls[0].cancel()
         assert await lone.wait() == "cancelled"
         assert ctxkit.current_runner().accepting
         assert await ctxkit.spawn(noop).wait() == "ok"
@@ -456,3 +456,11 @@ class TestAsyncioRunTeardown:
         gc.collect()
         assert [h.outcome for h in handles] == ["cancelled"] * 3
         assert errors == []
+
+
+async def wait_recording_task(event: anyio.Event, impls: list[asyncio.Task[Any]]) -> None:
+    """Wait for ``event``, having put this code's asyncio task into ``impls``."""
+    impl = asyncio.current_task()
+    assert impl is not None
+    impls.append(impl)
+    await event.wait()

@@ -1,0 +1,132 @@
+"""How a runner's tasks start and stop on an event loop: one narrow interface, two backends.
+
+The runner core (``ctxkit._runner``) decides *what* happens to a task: admission, limits,
+counting, finishing, drain and shutdown. A backend does only what differs between event
+loops: start a task in a given context, cancel it, tell whether the calling code runs on the
+backend's own loop (and thread), hand a call to that loop from another thread, and report how
+each task ended through the two callbacks the core gives it:
+
+- ``started(task, native) -> bool``: called first thing inside the task, in the task's own
+  context, with the backend's cancel handle for it; False means "cancelled before it ran":
+  the backend then closes the coroutine and reports it cancelled without running it.
+- ``finished(task, outcome, value)``: called once when the task's coroutine has ended, with
+  the ``TaskOutcome`` the backend saw and the result (OK) or exception (ERROR).
+
+``_asyncio.py`` runs each task as a plain ``asyncio.Task``; ``_trio.py`` as a trio system task
+inside a cancel scope (so that leaving a runner's block never waits for a task that ignores its
+cancellation). Nothing outside this package tests which backend it has.
+"""
+
+from __future__ import annotations
+
+import sys
+from asyncio import _get_running_loop
+from asyncio import current_task as _asyncio_current_task
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine
+    from contextvars import Context
+    from types import TracebackType
+
+    from .._task import TaskOutcome
+
+__all__ = ["Backend", "current_native_task", "open_backend"]
+
+
+class Backend(Protocol):
+    """What the runner core needs from an event loop."""
+
+    @property
+    def name(self) -> str:
+        """``"asyncio"`` or ``"trio"``, for messages only."""
+
+    def is_current(self) -> bool:
+        """Tell whether the calling code runs on this backend's loop, in its thread."""
+
+    def start(
+        self,
+        task: object,
+        coro: Coroutine[object, object, object],
+        context: Context,
+        name: str,
+        timeout: float | None,
+    ) -> None:
+        """Start running ``coro`` as a new task in ``context`` (called on the loop's thread)."""
+
+    def cancel(self, native: object) -> None:
+        """Cancel the task whose cancel handle (given to ``started``) is ``native``."""
+
+    def run_soon_threadsafe(self, fn: Callable[[], object]) -> None:
+        """Make the loop call ``fn()`` soon; callable from any thread.
+
+        Raises:
+            RuntimeError: The loop is closed or its run has ended.
+        """
+
+    def tearing_down(self) -> bool:
+        """Tell whether the loop is cancelling all its tasks for good (``asyncio.run``'s end)."""
+
+    def exit(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> bool:
+        """Undo what opening did; True if the block's exception (``exc_val``) was absorbed.
+
+        Raises:
+            BaseException: A ``KeyboardInterrupt`` or ``SystemExit`` a task raised, which ends
+                the runner's block as itself.
+        """
+
+
+def open_backend(
+    started: Callable[[object, object], bool],
+    finished: Callable[[object, TaskOutcome, object], None],
+    *,
+    watch_unstarted: bool = False,
+) -> Backend:
+    """Return a backend bound to the event loop running in this thread.
+
+    ``watch_unstarted`` (asyncio) also accounts for tasks that the loop cancels before their
+    first step (``asyncio.run`` does at its end), which never run their wrapper.
+
+    Raises:
+        RuntimeError: No asyncio loop or trio run is running in this thread.
+    """
+    loop = _get_running_loop()
+    if loop is not None:
+        from ._asyncio import AsyncioBackend
+
+        return AsyncioBackend(loop, started, finished, watch_unstarted)
+    if _trio_running():
+        from ._trio import TrioBackend
+
+        return TrioBackend(started, finished)
+    raise RuntimeError("no asyncio event loop or trio run is running in this thread")
+
+
+def _trio_running() -> bool:
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return False
+    return True
+
+
+def current_native_task() -> object | None:
+    """Return the event loop's own object for the task running this code, or None."""
+    if _get_running_loop() is not None:
+        return _asyncio_current_task()
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return None
+    try:
+        native: object = trio.lowlevel.current_task()
+    except RuntimeError:
+        return None
+    return native

@@ -1,0 +1,153 @@
+"""The asyncio backend: each background task is a plain ``asyncio.Task``.
+
+A task's wrapper coroutine (``_run``) tells the core it started (with its ``asyncio.Task`` as
+the cancel handle, before any user code runs, so a ``cancel()`` made during an eager first
+step is not lost), awaits the coroutine under ``asyncio.timeout`` when it has a timeout, and
+reports how it ended. It never starts another task itself: the core does that, without
+recursing, whatever the loop's task factory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from asyncio import current_task
+from typing import TYPE_CHECKING, Final
+
+from .._task import TaskOutcome
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine
+    from contextvars import Context
+    from types import TracebackType
+
+__all__ = ["AsyncioBackend"]
+
+_OK: Final = TaskOutcome.OK
+_ERROR: Final = TaskOutcome.ERROR
+_TIMEOUT: Final = TaskOutcome.TIMEOUT
+_CANCELLED: Final = TaskOutcome.CANCELLED
+
+
+class AsyncioBackend:
+    """Start and cancel the tasks of one runner on one asyncio event loop."""
+
+    __slots__ = ("_finished", "_loop", "_started", "_watch")
+
+    name: Final = "asyncio"
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        started: Callable[[object, object], bool],
+        finished: Callable[[object, TaskOutcome, object], None],
+        watch_unstarted: bool,
+    ) -> None:
+        self._loop = loop
+        self._started = started
+        self._finished = finished
+        self._watch = watch_unstarted
+
+    def is_current(self) -> bool:
+        return asyncio._get_running_loop() is self._loop
+
+    def start(
+        self,
+        task: object,
+        coro: Coroutine[object, object, object],
+        context: Context,
+        name: str,
+        timeout: float | None,
+    ) -> None:
+        impl = self._loop.create_task(
+            _run(self._started, self._finished, task, coro, timeout), name=name, context=context
+        )
+        if self._watch:
+            finished = self._finished
+
+            def unstarted(impl: asyncio.Task[None]) -> None:
+                # Cancelled before its first step: its wrapper never ran (finished() ignores
+                # a second report of a task that did run).
+                if impl.cancelled():
+                    coro.close()
+                    finished(task, _CANCELLED, None)
+
+            impl.add_done_callback(unstarted)
+
+    def cancel(self, native: object) -> None:
+        native.cancel()  # type: ignore[attr-defined]
+
+    def run_soon_threadsafe(self, fn: Callable[[], object]) -> None:
+        self._loop.call_soon_threadsafe(fn)
+
+    def tearing_down(self) -> bool:
+        """Tell whether every task of the loop is being cancelled, as ``asyncio.run`` does last.
+
+        A single task cancelled from outside is not that: the loop's other tasks still run.
+        """
+        tasks = asyncio.all_tasks(self._loop)
+        return bool(tasks) and all(task.done() or task.cancelling() for task in tasks)
+
+    def exit(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> bool:
+        return False  # a task's KeyboardInterrupt/SystemExit already left the loop as itself
+
+
+async def _run(
+    started: Callable[[object, object], bool],
+    finished: Callable[[object, TaskOutcome, object], None],
+    task: object,
+    coro: Coroutine[object, object, object],
+    timeout: float | None,
+) -> None:
+    """The coroutine of a background task's ``asyncio.Task``: run ``coro``, report its end."""
+    if not started(task, current_task()):
+        coro.close()
+        finished(task, _CANCELLED, None)
+        return
+    deadline = None if timeout is None else asyncio.timeout(timeout)
+    try:
+        if deadline is None:
+            result = await coro
+        else:
+            async with deadline:
+                result = await coro
+    except asyncio.CancelledError:
+        finished(task, _CANCELLED, None)
+        raise
+    except Exception as exc:
+        if deadline is not None and deadline.expired() and isinstance(exc, TimeoutError):
+            finished(task, _TIMEOUT, None)
+        else:
+            finished(task, _ERROR, _without_this_frame(exc))
+    except BaseException as exc:
+        # KeyboardInterrupt, SystemExit: reported, then re-raised for the loop to stop on; the
+        # done-callback retrieves it, so asyncio does not log it again as never retrieved.
+        finished(task, _ERROR, _without_this_frame(exc))
+        impl = current_task()
+        if impl is not None:
+            impl.add_done_callback(_retrieve)
+        raise
+    else:
+        expired = deadline is not None and deadline.expired()
+        finished(task, _TIMEOUT if expired else _OK, result)
+
+
+def _without_this_frame(exc: BaseException) -> BaseException:
+    """Drop the wrapper's own frame from ``exc``'s traceback.
+
+    The handle keeps the exception; through that frame it would reach the handle again (a
+    cycle that only the cyclic GC frees, keeping the task's values alive until then).
+    """
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code is _run.__code__:
+        exc.__traceback__ = tb.tb_next
+    return exc
+
+
+def _retrieve(impl: asyncio.Task[None]) -> None:
+    if not impl.cancelled():
+        impl.exception()
