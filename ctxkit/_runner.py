@@ -87,6 +87,10 @@ _CANCEL_REQUESTED: Final = 2  # cancel() was called: by the user or the runner's
 _current: ContextVar[tuple[BackgroundTask[Any], object]] = ContextVar("ctxkit.current_task")
 
 
+#: What ``_current`` holds in a task's context once the task has ended.
+_NO_TASK: Final[tuple[Any, object]] = (None, object())
+
+
 def current_task() -> BackgroundTask[Any] | None:
     """Return the handle of the background task running this code, or None outside one.
 
@@ -377,7 +381,7 @@ class BackgroundRunner:
         assert self._backend is not None
         try:
             await self._shutdown(
-                skip_drain=exc_type is not None and issubclass(exc_type, _cancelled_types())
+                skip_drain=exc_type is not None and self._backend.is_cancellation(exc_type)
             )
         finally:
             self._state = "closed"
@@ -628,7 +632,9 @@ class BackgroundRunner:
         assert self._backend is not None
         assert task._coro is not None
         assert task._context is not None
-        self._backend.start(task, task._coro, task._context, task.name, task._timeout)
+        native = self._backend.start(task, task._coro, task._context, task.name, task._timeout)
+        if task._native is None and task._outcome is None:
+            task._native = native  # until it runs (and says what cancels it)
 
     def _start_next(self) -> None:
         """Start queued tasks while there is room, as a loop that never re-enters itself."""
@@ -659,7 +665,9 @@ class BackgroundRunner:
                 self._metrics.wait.record(waited)
                 assert task._coro is not None
                 assert task._context is not None
-                backend.start(task, task._coro, task._context, task.name, task._timeout)
+                native = backend.start(task, task._coro, task._context, task.name, task._timeout)
+                if task._native is None and task._outcome is None:
+                    task._native = native
         finally:
             self._starting = False
 
@@ -690,18 +698,29 @@ class BackgroundRunner:
             and self._torn_down is None
             and not task._flags & _CANCEL_REQUESTED
         ):
-            self._check_teardown()
+            self._check_teardown(task)
         if self._pending_count:
             self._start_next()
-        self._report(task, outcome, value)
+        try:
+            self._report(task, outcome, value)
+        finally:
+            if task._flags & _STARTED:
+                # Called in the task's own context, whose var holds the loop's task object,
+                # which holds the context: break that cycle, so both are freed at once.
+                _current.set(_NO_TASK)
 
     def _cancel(self, task: BackgroundTask[Any]) -> None:
         """Cancel ``task`` (called by ``BackgroundTask.cancel`` for a task not yet ended)."""
         task._flags |= _CANCEL_REQUESTED
         if task in self._running:
+            assert self._backend is not None
             if task._flags & _STARTED:
-                assert self._backend is not None
                 self._backend.cancel(task._native)
+            elif task._native is not None and self._backend.abandoned(task._native):
+                # Cancelled by something else before it ran: it never will, so end it here.
+                assert task._coro is not None
+                task._coro.close()
+                self._task_ended(task, _CANCELLED, None)
             # else: started but not yet run; its first step sees the flag and ends at once
             return
         # Pending: it never ran. It stays in the queue until popped (see _start_next).
@@ -783,7 +802,7 @@ class BackgroundRunner:
             except Exception:
                 logger.exception("the on_error hook of %r raised", self)
 
-    def _check_teardown(self) -> None:
+    def _check_teardown(self, first: BackgroundTask[Any]) -> None:
         """Close the implicit runner if its loop is going away (``asyncio.run``'s end).
 
         Tasks started from then on would never run or be cancelled: take no more work, drop
@@ -792,17 +811,17 @@ class BackgroundRunner:
         assert self._backend is not None
         if not self._backend.tearing_down():
             return
-        self._torn_down = []
+        waiting = self._live_pending()
+        # Named longest-running first (the tasks still running are in start order).
+        self._torn_down = [first.name, *(task.name for task in (*self._running, *waiting))]
         self._state = "closed"
-        for waiting in self._live_pending():
-            self._torn_down.append(waiting.name)
-            waiting.cancel()
+        for task in waiting:
+            task.cancel()
 
     def _report_outside_cancel(self, task: BackgroundTask[Any]) -> None:
         """Log a task cancelled by something else than its runner (once per loop teardown)."""
         if self._torn_down is not None:
-            self._torn_down.append(task.name)
-            return
+            return  # named in the teardown's summary
         logger.warning(
             "background task %r was cancelled from outside its runner before it finished "
             "[trace_id=%s]",
@@ -930,12 +949,3 @@ def _seconds(value: float | None) -> str:
     if value is None:
         return "None"
     return f"{value!r}s"
-
-
-def _cancelled_types() -> tuple[type[BaseException], ...]:
-    import asyncio
-
-    try:
-        return (asyncio.CancelledError, anyio.get_cancelled_exc_class())
-    except Exception:  # pragma: no cover - no async library running
-        return (asyncio.CancelledError,)

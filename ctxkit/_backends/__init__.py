@@ -51,11 +51,22 @@ class Backend(Protocol):
         context: Context,
         name: str,
         timeout: float | None,
-    ) -> None:
-        """Start running ``coro`` as a new task in ``context`` (called on the loop's thread)."""
+    ) -> object:
+        """Start running ``coro`` as a new task in ``context`` (called on the loop's thread).
+
+        Returns:
+            The loop's object for the new task when it has one before it runs, else None.
+        """
 
     def cancel(self, native: object) -> None:
         """Cancel the task whose cancel handle (given to ``started``) is ``native``."""
+
+    def abandoned(self, native: object) -> bool:
+        """Tell whether a task not yet run (``native``: what ``start`` returned) never will.
+
+        True when something else than the runner cancelled it before its first step (on
+        asyncio the wrapper then never runs, so the core accounts for the task itself).
+        """
 
     def run_soon_threadsafe(self, fn: Callable[[], object]) -> None:
         """Make the loop call ``fn()`` soon; callable from any thread.
@@ -63,6 +74,9 @@ class Backend(Protocol):
         Raises:
             RuntimeError: The loop is closed or its run has ended.
         """
+
+    def is_cancellation(self, exc_type: type[BaseException]) -> bool:
+        """Tell whether ``exc_type`` is this loop's cancellation exception."""
 
     def tearing_down(self) -> bool:
         """Tell whether the loop is cancelling all its tasks for good (``asyncio.run``'s end)."""

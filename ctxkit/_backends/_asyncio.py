@@ -57,7 +57,7 @@ class AsyncioBackend:
         context: Context,
         name: str,
         timeout: float | None,
-    ) -> None:
+    ) -> object:
         impl = self._loop.create_task(
             _run(self._started, self._finished, task, coro, timeout), name=name, context=context
         )
@@ -72,12 +72,20 @@ class AsyncioBackend:
                     finished(task, _CANCELLED, None)
 
             impl.add_done_callback(unstarted)
+        return impl
+
+    def abandoned(self, native: object) -> bool:
+        impl: asyncio.Task[None] = native  # type: ignore[assignment]
+        return impl.done() or impl.cancelling() > 0
 
     def cancel(self, native: object) -> None:
         native.cancel()  # type: ignore[attr-defined]
 
     def run_soon_threadsafe(self, fn: Callable[[], object]) -> None:
         self._loop.call_soon_threadsafe(fn)
+
+    def is_cancellation(self, exc_type: type[BaseException]) -> bool:
+        return issubclass(exc_type, asyncio.CancelledError)
 
     def tearing_down(self) -> bool:
         """Tell whether every task of the loop is being cancelled, as ``asyncio.run`` does last.

@@ -65,8 +65,12 @@ class TrioBackend:
         context: Context,
         name: str,
         timeout: float | None,
-    ) -> None:
+    ) -> object:
         trio.lowlevel.spawn_system_task(self._run, task, coro, timeout, name=name, context=context)
+        return None  # its cancel handle, a cancel scope, exists once it runs
+
+    def abandoned(self, native: object) -> bool:
+        return False  # nothing but its runner can cancel a system task before it runs
 
     def cancel(self, native: object) -> None:
         scope: trio.CancelScope = native  # type: ignore[assignment]
@@ -75,6 +79,9 @@ class TrioBackend:
 
     def run_soon_threadsafe(self, fn: Callable[[], object]) -> None:
         self._token.run_sync_soon(fn)
+
+    def is_cancellation(self, exc_type: type[BaseException]) -> bool:
+        return issubclass(exc_type, trio.Cancelled)
 
     def tearing_down(self) -> bool:
         return False

@@ -1,0 +1,488 @@
+"""The runner core's guarantees that the outside review of the old runner found broken.
+
+Each class names the bug (issue 10) its tests would have caught: every test here fails on the
+runner before the redesign.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import gc
+import logging
+import sys
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+from opentelemetry import context as otel_context
+
+import ctxkit
+from ctxkit import _clone, propagation
+from ctxkit.testing import open_runner
+
+from ._support import ASYNCIO_ONLY, assert_identity, noop, wait_for
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from ._support import MakeRunner
+
+pytestmark = pytest.mark.anyio
+
+needs_eager = pytest.mark.skipif(
+    sys.version_info < (3, 12), reason="asyncio.eager_task_factory is new in Python 3.12"
+)
+
+
+def ctxkit_messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "ctxkit" and r.levelno == level]
+
+
+@pytest.fixture
+def loop_errors() -> Iterator[list[dict[str, Any]]]:
+    """What reaches the asyncio loop's exception handler during the test (asyncio only)."""
+    errors: list[dict[str, Any]] = []
+    yield errors
+    assert errors == []
+
+
+def install_handler(errors: list[dict[str, Any]]) -> None:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+
+
+@needs_eager
+class TestEagerTaskFactory:
+    """Bug 1: with the eager task factory, finishing recursed into the next task's start."""
+
+    @ASYNCIO_ONLY
+    async def test_a_long_queue_of_tasks_that_never_suspend_finishes(
+        self, make_runner: MakeRunner, loop_errors: list[dict[str, Any]]
+    ) -> None:
+        """300 queued tasks that return at once all end ok, at a bounded stack depth."""
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+        install_handler(loop_errors)
+        depths: list[int] = []
+        release = anyio.Event()
+
+        async def quick() -> None:
+            depth, frame = 0, sys._getframe()
+            while frame.f_back is not None:
+                depth, frame = depth + 1, frame.f_back
+            depths.append(depth)
+
+        try:
+            async with make_runner(limit=1) as runner:
+                blocker = runner.spawn(wait_for, release)
+                handles = [runner.spawn(quick) for _ in range(300)]
+                assert runner.statistics().pending == 300
+                release.set()
+                await runner.drain(2)
+                stats = runner.statistics()
+                assert_identity(stats)
+                assert (stats.ok, stats.running, stats.pending) == (301, 0, 0)
+        finally:
+            loop.set_task_factory(None)
+        assert blocker.outcome == "ok"
+        assert all(handle.outcome == "ok" for handle in handles)
+        assert len(depths) == 300
+        assert max(depths) - min(depths) < 5  # no frame per task: the start loop is flat
+
+    @ASYNCIO_ONLY
+    async def test_cancel_during_the_eager_first_step_is_kept(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """A task cancelled while its first step runs eagerly ends "cancelled", not "ok"."""
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+
+        async def cancels_itself() -> str:
+            task = ctxkit.current_task()
+            assert task is not None
+            assert task.cancel()
+            return "done"
+
+        try:
+            async with make_runner() as runner:
+                handle = runner.spawn(cancels_itself)
+                assert await handle.wait() == "cancelled"
+        finally:
+            loop.set_task_factory(None)
+        assert_identity(runner.statistics())
+        assert runner.statistics().cancelled == 1
+
+
+class TestBoundedShutdown:
+    """Bug 2: on trio, a task shielding its cleanup held the block's exit for seconds."""
+
+    async def test_exit_takes_drain_plus_cancel_timeout_at_most(
+        self, make_runner: MakeRunner, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A task ignoring cancellation does not keep the block from ending; it is named."""
+        release = anyio.Event()
+        started = anyio.Event()
+
+        async def stubborn() -> None:
+            started.set()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await release.wait()
+
+        t0 = time.monotonic()
+        async with make_runner(drain_timeout=0.2, cancel_timeout=0.3) as runner:
+            handle = runner.spawn(stubborn, name="stubborn")
+            await started.wait()
+        elapsed = time.monotonic() - t0
+        assert elapsed < 2.0  # 0.5 s of policy plus scheduling noise, not "until released"
+        assert not handle.done()
+        (summary,) = ctxkit_messages(caplog, logging.WARNING)
+        assert "1 ignored cancellation and are still running (stubborn)" in summary
+        assert_identity(runner.statistics())
+        release.set()
+        assert await handle.wait() == "cancelled"
+        assert_identity(runner.statistics())
+
+    async def test_cancel_timeout_none_waits_for_the_cancelled_tasks(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """Bug 8: cancel_timeout=None waits as long as the tasks take, as drain_timeout=None."""
+        release = anyio.Event()
+        started = anyio.Event()
+
+        async def slow_cleanup() -> None:
+            started.set()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await release.wait()
+
+        async def releaser() -> None:
+            await started.wait()
+            for _ in range(20):
+                await anyio.lowlevel.checkpoint()
+            release.set()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(releaser)
+            async with make_runner(drain_timeout=0, cancel_timeout=None) as runner:
+                handle = runner.spawn(slow_cleanup)
+                await started.wait()
+            assert handle.done()  # the exit waited for its cleanup
+        assert handle.outcome == "cancelled"
+
+
+class TestOwnership:
+    """Bug 3: on trio, spawning from another thread counted a task that never existed."""
+
+    async def test_spawn_from_a_thread_without_a_loop_counts_nothing(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """A refused spawn from a foreign thread leaves no phantom task and closes its coroutine."""
+        errors: list[BaseException] = []
+        coros: list[Any] = []
+
+        def other_thread(runner: ctxkit.BackgroundRunner) -> None:
+            coro = noop()
+            coros.append(coro)
+            try:
+                runner.spawn(coro)
+            except RuntimeError as exc:
+                errors.append(exc)
+
+        async with make_runner() as runner:
+            await anyio.to_thread.run_sync(other_thread, runner)
+            stats = runner.statistics()
+            assert (stats.spawned, stats.running, stats.pending) == (0, 0, 0)
+            await runner.drain(1)
+        (error,) = errors
+        assert "another event loop or thread" in str(error)
+        assert coros[0].cr_frame is None  # closed, so it never warns "never awaited"
+
+
+class TestHooks:
+    """Bug 4: an ``async def`` on_error was accepted and never ran."""
+
+    def test_async_on_error_is_refused(self) -> None:
+        """on_error must be a plain function; an async one is a TypeError naming it."""
+
+        async def hook(failure: ctxkit.TaskFailure) -> None: ...
+
+        with pytest.raises(TypeError, match="on_error must be a plain function"):
+            ctxkit.BackgroundRunner(on_error=hook)
+
+    def test_hook_raising_system_exit_leaves_the_runner_consistent(
+        self, tracer_provider: TracerProvider
+    ) -> None:
+        """A hook's SystemExit propagates only after the bookkeeping of the task is complete."""
+        runners: list[ctxkit.BackgroundRunner] = []
+        handles: list[ctxkit.BackgroundTask[None]] = []
+
+        def hook(failure: ctxkit.TaskFailure) -> None:
+            raise SystemExit(7)
+
+        async def boom() -> None:
+            raise ValueError("boom")
+
+        async def main() -> None:
+            runner = ctxkit.BackgroundRunner(on_error=hook, limit=1, cancel_timeout=0.5)
+            runners.append(runner)
+            async with runner:
+                handles.append(runner.spawn(boom))
+                handles.append(runner.spawn(anyio.sleep_forever))
+                await anyio.sleep_forever()
+
+        with pytest.raises(SystemExit):
+            asyncio.run(main())
+        runner = runners[0]
+        assert handles[0].outcome == "error"
+        assert handles[1].outcome == "cancelled"  # it was started, then cancelled at exit
+        stats = runner.statistics()
+        assert_identity(stats)
+        assert (stats.error, stats.cancelled, stats.running, stats.pending) == (1, 1, 0, 0)
+
+
+class TestEnteredContextSource:
+    """Bug 5: with context= an entered context, a stale OTel context in a var won."""
+
+    async def test_clone_and_inject_of_the_entered_context_carry_its_own_trace(
+        self, tracer_provider: TracerProvider
+    ) -> None:
+        """A stale OpenTelemetry context kept in an app var never replaces the current one."""
+        tracer = tracer_provider.get_tracer("test")
+        stash: contextvars.ContextVar[object] = contextvars.ContextVar("stash")
+        with tracer.start_as_current_span("stale"):
+            stash.set(otel_context.get_current())
+        # Many other vars, so that hash order has every chance to pick the stash first.
+        extra = [contextvars.ContextVar(f"x{i}") for i in range(50)]
+        for var in extra:
+            var.set(otel_context.Context())
+        with tracer.start_as_current_span("live") as live:
+            expected = f"{live.get_span_context().trace_id:032x}"
+            source = contextvars.copy_context()
+            seen: list[str | None] = []
+
+            def check() -> None:  # runs inside ``source``: entered, so run() on it raises
+                for clone in (
+                    ctxkit.clone_without_span(context=source),
+                    ctxkit.clone(context=source, tracer_provider=tracer_provider),
+                ):
+                    seen.append(clone.run(ctxkit.current_trace_id))
+                carrier: dict[str, str] = {}
+                propagation.inject(carrier, context=source)
+                seen.append(carrier["traceparent"].split("-")[1])
+
+            source.run(check)
+        assert seen == [expected] * 3
+
+
+class TestTestingRunnerIsScoped:
+    """Bug 6: after a test's ctxkit_runner closed on a shared loop, spawn raised RunnerClosedError."""
+
+    @ASYNCIO_ONLY
+    async def test_spawn_after_a_testing_runner_uses_the_implicit_runner(
+        self, tracer_provider: TracerProvider
+    ) -> None:
+        """open_runner's runner belongs to its block: afterwards the loop is as before."""
+        async with open_runner() as runner:
+            assert ctxkit.current_runner() is runner
+        handle = ctxkit.spawn(noop)
+        assert handle.done() or await handle.wait() == "ok"
+        assert ctxkit.current_runner() is not runner
+
+
+class TestNoCycles:
+    """Bug 7: a finished task kept its carried values alive until the cyclic GC ran."""
+
+    @pytest.mark.parametrize("raises", [False, True])
+    async def test_carried_values_are_freed_without_the_cyclic_gc(
+        self, make_runner: MakeRunner, raises: bool
+    ) -> None:
+        """Once a task ended, its handle (kept) no longer keeps its vars' values alive."""
+
+        class Value:
+            pass
+
+        var: contextvars.ContextVar[Value] = contextvars.ContextVar("carried")
+
+        async def work() -> None:
+            assert var.get() is not None
+            if raises:
+                raise ValueError("failed on purpose")
+
+        async with make_runner(on_error=lambda failure: None) as runner:
+            value = Value()
+            ref = weakref.ref(value)
+            token = var.set(value)
+            del value
+            gc.collect()
+            gc.disable()
+            try:
+                handle = runner.spawn(work, vars=(var,), span=False)
+                var.reset(token)
+                await handle.wait()
+                # The clone cache keeps the last clone of this selection (docs/cloning.md):
+                # one more clone of the selection replaces it.
+                ctxkit.clone_without_span(var)
+                for _ in range(3):
+                    await anyio.lowlevel.checkpoint()
+                assert ref() is None, gc.get_referrers(ref())
+            finally:
+                gc.enable()
+        assert handle.outcome == ("error" if raises else "ok")
+
+
+class TestCloneCache:
+    """Bug 9: with more than 16 selected vars the clone cache never hit."""
+
+    async def test_large_selections_reuse_the_cached_clone(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """1000 clones of an unchanged source build one clone, whatever the selection size."""
+        many = tuple(contextvars.ContextVar(f"v{i}") for i in range(40))
+        for index, var in enumerate(many):
+            var.set(index)
+        builds: list[object] = []
+        real = _clone._current_clone
+
+        def counting(*args: Any) -> Any:
+            builds.append(args)
+            return real(*args)
+
+        monkeypatch.setattr(_clone, "_current_clone", counting)
+        clones = [ctxkit.clone_without_span(*many) for _ in range(1000)]
+        assert len(builds) == 1
+        assert all(clone.run(many[39].get) == 39 for clone in clones[:3])
+        many[3].set(-3)  # a changed value is seen at once
+        assert ctxkit.clone_without_span(*many).run(many[3].get) == -3
+        assert len(builds) == 2
+
+
+class TestAlsoSeen:
+    """The smaller findings of the review."""
+
+    async def test_cancelling_many_pending_tasks(self, make_runner: MakeRunner) -> None:
+        """Cancelling 20,000 pending tasks keeps exact counts and leaves the queue usable."""
+        release = anyio.Event()
+        async with make_runner(limit=1, pending_limit=None) as runner:
+            runner.spawn(wait_for, release)
+            handles = [runner.spawn(noop) for _ in range(20_000)]
+            for handle in handles[:-1]:
+                assert handle.cancel()
+            stats = runner.statistics()
+            assert (stats.pending, stats.cancelled) == (1, 19_999)
+            assert_identity(stats)
+            release.set()
+            assert await handles[-1].wait() == "ok"
+        assert_identity(runner.statistics())
+
+    async def test_current_task_is_not_inherited_by_plain_child_tasks(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """A plain task started by a background task is not that background task."""
+        seen: list[object] = []
+
+        async def child() -> None:
+            seen.append(ctxkit.current_task())
+
+        async def parent() -> None:
+            seen.append(ctxkit.current_task())
+            async with anyio.create_task_group() as group:
+                group.start_soon(child)
+
+        async with make_runner() as runner:
+            handle = runner.spawn(parent)
+            await handle.wait()
+        assert seen == [handle, None]
+
+    def test_implicit_runner_logs_one_summary_at_asyncio_run_exit(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """asyncio.run's teardown of 20 implicit tasks gives one WARNING that names them."""
+        handles: list[ctxkit.BackgroundTask[None]] = []
+
+        async def forever() -> None:
+            await asyncio.Event().wait()
+
+        async def main() -> None:
+            for index in range(20):
+                handles.append(ctxkit.spawn(forever, name=f"job-{index}"))
+            await asyncio.sleep(0)
+
+        with caplog.at_level(logging.INFO, logger="ctxkit"):
+            asyncio.run(main())
+        assert [h.outcome for h in handles] == ["cancelled"] * 20
+        (message,) = ctxkit_messages(caplog, logging.WARNING)
+        assert "implicit runner" in message
+        assert "cancelled 20 background tasks" in message
+        assert "job-0" in message
+
+    async def test_drain_from_a_task_does_not_wait_for_itself(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """ctxkit.drain() and runner.drain() in a task wait for the other tasks only."""
+        order: list[str] = []
+
+        async def child() -> None:
+            await anyio.lowlevel.checkpoint()
+            order.append("child")
+
+        async def parent() -> None:
+            ctxkit.spawn(child)
+            await ctxkit.drain(5)
+            order.append("parent drained")
+            runner = ctxkit.current_runner()
+            await runner.drain(5)
+            order.append("parent drained again")
+
+        async with make_runner() as runner:
+            handle = runner.spawn(parent)
+            assert await handle.wait() == "ok"
+        assert order == ["child", "parent drained", "parent drained again"]
+
+
+class TestStubbornTrioTaskEndsTheRun:
+    """A trio task still shielded after the block ends keeps running until it is done."""
+
+    @pytest.mark.parametrize("anyio_backend", ["trio"])
+    async def test_the_run_goes_on_with_it(self, make_runner: MakeRunner) -> None:
+        """After the block, the stubborn task still runs and finishes in the same run."""
+        release = threading.Event()
+
+        async def stubborn() -> None:
+            try:
+                await anyio.sleep_forever()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(release.wait)
+
+        async with make_runner(drain_timeout=0, cancel_timeout=0.05) as runner:
+            handle = runner.spawn(stubborn)
+            await anyio.lowlevel.checkpoint()
+        assert not handle.done()
+        release.set()
+        assert await handle.wait() == "cancelled"
+
+
+def test_the_core_never_tests_for_a_backend() -> None:
+    """The runner core reaches the backends through one interface, never by testing a field."""
+    import inspect
+
+    from ctxkit import _runner
+
+    source = inspect.getsource(_runner)
+    assert "import asyncio" not in source
+    assert "import trio" not in source
+    assert "_loop is None" not in source
