@@ -97,7 +97,8 @@ def extract(page: Path) -> list[Block]:
         if lines[index].strip() == MARKER:
             following = lines[index + 1] if index + 1 < len(lines) else ""
             match = _OPEN.match(following)
-            assert match and match["lang"] == "python", (
+            lang = match["lang"] if match else None
+            assert lang == "python", (
                 f"{page}:{index + 1}: {MARKER} must be the line right above a ```python fence"
             )
         if opening is None:
@@ -159,7 +160,8 @@ def check_imports(tree: ast.AST, where: str) -> None:
             for alias in node.names:
                 check_module(alias.name, where)
         elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0 and node.module, f"{where}: a relative import in the docs"
+            assert node.level == 0, f"{where}: a relative import in the docs"
+            assert node.module is not None
             module = check_module(node.module, where)
             if module is None:
                 continue
@@ -269,6 +271,15 @@ def test_every_python_block_is_found() -> None:
     )
     assert len(BLOCKS) == fences
     assert sum(not block.fragment for block in BLOCKS) >= 20
+
+
+def test_the_api_reference_is_current() -> None:
+    """docs/api.md is what tests/_api_reference.py renders from the docstrings."""
+    from . import _api_reference
+
+    assert _api_reference.PAGE.read_text(encoding="utf-8") == _api_reference.render(), (
+        "docs/api.md is out of date: run .venv/bin/python -m tests._api_reference"
+    )
 
 
 def page(tmp_path: Path, text: str) -> list[Block]:
