@@ -284,7 +284,7 @@ def render_module(module_name: str) -> Iterator[str]:
         anchor = re.sub(r"[^\w-]", "", f"{module_name}.{name}".lower())
         value = getattr(module, name)
         documented = inspect.isclass(value) or inspect.isfunction(value)
-        summary = (docstring(value) or [""])[0] if documented else "constant"
+        summary = (docstring(value) or [""])[0] if documented else f"`{value!r}`"
         summary = summary.replace("|", r"\|")
         yield f"| [`{name}`](#{anchor}) | {summary} |"
     for name in names:

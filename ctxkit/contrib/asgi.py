@@ -24,9 +24,10 @@ from opentelemetry import trace
 
 from .._trace import fake_trace_id_var, new_fake_trace_id
 
-__all__ = ["ASGIApp", "Receive", "Scope", "Send", "TraceIdMiddleware"]
+__all__ = ["TraceIdMiddleware"]
 
-#: An ASGI connection scope, as the ASGI 3 specification defines it.
+# The ASGI 3 callables' types, structurally (no dependency on Starlette or asgiref).
+#: An ASGI connection scope.
 Scope = MutableMapping[str, object]
 #: The ASGI ``receive`` callable.
 Receive = Callable[[], Awaitable[MutableMapping[str, object]]]
