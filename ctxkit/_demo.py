@@ -1,9 +1,10 @@
 """The showcase behind ``python -m ctxkit demo``: a simulated web app using ctxkit.
 
-It serves three simulated requests on asyncio with OpenTelemetry's SDK, spawns background work
-in each of ctxkit's modes, shuts down, and prints what a newcomer needs to see: the log lines
-with their trace ids, the span tree of every trace with durations and links, and the runner's
-statistics.
+It serves four simulated requests on asyncio with OpenTelemetry's SDK (one of them untraced,
+through ``TraceIdMiddleware``), spawns background work in each of ctxkit's modes, shuts down,
+and prints what a newcomer needs to see: the log lines with their trace ids, span ids and task
+names, the span tree of every trace with durations and links (the ``span=False`` tasks listed
+in the trace whose id they log under), and the runner's statistics.
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ from opentelemetry import trace
 
 from ._clone import register, unregister
 from ._logging import TraceIdFilter
-from ._runner import BackgroundRunner
+from ._runner import BackgroundRunner, current_task
 from ._spawn import fire_and_forget, spawn
+from .contrib.asgi import TraceIdMiddleware
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import MutableMapping, Sequence
 
     from opentelemetry.sdk.trace import ReadableSpan
+
+    from ._task import BackgroundTask
+    from .contrib.asgi import Receive, Scope, Send
 
 __all__ = ["run_demo"]
 
@@ -82,7 +87,12 @@ async def generate_report(report: str) -> str:
 
 async def refresh_exchange_rates() -> None:
     await asyncio.sleep(0.01)
-    log.info("exchange rates refreshed (no trace was active: a fake trace id correlates logs)")
+    log.info("exchange rates refreshed (the webhook's fake trace id)")
+
+
+async def notify_accounting(invoice: str) -> None:
+    await asyncio.sleep(0.02)
+    log.info("accounting notified of %s (the webhook's fake trace id)", invoice)
 
 
 async def warm_cache() -> None:
@@ -117,10 +127,32 @@ async def handle_report(started: asyncio.Event) -> None:
         await asyncio.sleep(10)  # cancelled long before this ends
 
 
-async def cron_tick() -> None:
-    """A timer with no trace active: background work gets a fake trace id for its logs."""
-    log.info("cron tick (no span active here)")
+async def payment_webhook(scope: Scope, receive: Receive, send: Send) -> None:
+    """POST /webhooks/payment, an ASGI app whose route has no server span (not instrumented).
+
+    ``TraceIdMiddleware`` gives the request a fake trace id: its own log lines and the lines of
+    the tasks it spawns share it, so they can be found together without any tracing.
+    """
+    await receive()  # the request body: the payment event
+    log.info("payment webhook received (untraced route: a fake trace id, from the middleware)")
     spawn(refresh_exchange_rates(), span=False)
+    spawn(notify_accounting("INV-7"), span=False)
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+    log.info("payment webhook answered 204")
+
+
+async def serve_untraced_request() -> None:
+    """What an ASGI server does for one request: call the app with its scope and channels."""
+
+    async def receive() -> MutableMapping[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, object]) -> None:
+        pass
+
+    scope: Scope = {"type": "http", "method": "POST", "path": "/webhooks/payment"}
+    await TraceIdMiddleware(payment_webhook)(scope, receive, send)
 
 
 async def serve(provider: trace.TracerProvider) -> BackgroundRunner:
@@ -133,7 +165,7 @@ async def serve(provider: trace.TracerProvider) -> BackgroundRunner:
         request.cancel()  # the client went away
         await asyncio.gather(request, return_exceptions=True)
         log.info("GET /report was cancelled (client disconnected)")
-        await cron_tick()
+        await serve_untraced_request()
         spawn(warm_cache())
         await asyncio.sleep(0.2)
         log.info("shutting down: draining background work (drain_timeout=0.3s)")
@@ -143,24 +175,68 @@ async def serve(provider: trace.TracerProvider) -> BackgroundRunner:
 # -- printing -------------------------------------------------------------------------------
 
 
-def _print_trees(spans: Sequence[ReadableSpan]) -> None:
+class _LogColumns(logging.Filter):
+    """Add the demo's log columns to each record (after ``TraceIdFilter`` added the ids).
+
+    The columns are the ids with ``-`` for an empty one, and the name of the background task
+    that logs (``ctxkit.current_task()``), or ``-``.
+
+    It also remembers each task with no span of its own that logged (the ``span=False``
+    tasks), by trace id: no exported span shows them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # trace id -> {id(task): (task, the span id current in it, "" for none)}
+        self.spanless: dict[str, dict[int, tuple[BackgroundTask[object], str]]] = defaultdict(dict)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        task = current_task()
+        fields = record.__dict__
+        fields["trace"] = fields.get("trace_id") or "-"
+        fields["span"] = fields.get("span_id") or "-"
+        fields["task"] = task.name if task is not None else "-"
+        if task is not None and not task.span_context.is_valid and fields.get("trace_id"):
+            self.spanless[fields["trace_id"]].setdefault(id(task), (task, fields["span_id"]))
+        return True
+
+
+Spanless = dict[str, dict[int, tuple["BackgroundTask[object]", str]]]
+
+
+def _print_trees(spans: Sequence[ReadableSpan], spanless: Spanless) -> None:
     by_trace: dict[int, list[ReadableSpan]] = defaultdict(list)
     for span in spans:
         by_trace[span.context.trace_id].append(span)
     traces = sorted(by_trace.values(), key=lambda group: min(s.start_time or 0 for s in group))
     for group in traces:
-        print(f"\ntrace {group[0].context.trace_id:032x}")
+        trace_id = f"{group[0].context.trace_id:032x}"
+        print(f"\ntrace {trace_id}")
         ids = {span.context.span_id for span in group}
         children: dict[int | None, list[ReadableSpan]] = defaultdict(list)
         for span in group:
             parent = span.parent.span_id if span.parent else None
             children[parent if parent in ids else None].append(span)
+        under: dict[str, list[BackgroundTask[object]]] = defaultdict(list)
+        for task, span_id in spanless.pop(trace_id, {}).values():
+            under[span_id].append(task)
         for root in sorted(children[None], key=lambda s: s.start_time or 0):
-            _print_span(root, children, "")
+            _print_span(root, children, "", under)
+    for trace_id, tasks in spanless.items():  # fake trace ids: no span at all
+        print(f"\ntrace {trace_id}  (a fake trace id: no spans, it only joins log lines)")
+        _print_spanless([task for task, _ in tasks.values()], "")
+
+
+def _print_spanless(tasks: list[BackgroundTask[object]], indent: str) -> None:
+    for task in tasks:
+        print(f"  {indent}{task.name}  [span=False: no span of its own, outcome={task.outcome}]")
 
 
 def _print_span(
-    span: ReadableSpan, children: dict[int | None, list[ReadableSpan]], indent: str
+    span: ReadableSpan,
+    children: dict[int | None, list[ReadableSpan]],
+    indent: str,
+    under: dict[str, list[BackgroundTask[object]]],
 ) -> None:
     duration = ((span.end_time or 0) - (span.start_time or 0)) / 1e6
     attributes = span.attributes or {}
@@ -177,7 +253,18 @@ def _print_span(
             f"span {link.context.span_id:016x}"
         )
     for child in sorted(children[span.context.span_id], key=lambda s: s.start_time or 0):
-        _print_span(child, children, indent + "  ")
+        _print_span(child, children, indent + "  ", under)
+    _print_spanless(under.pop(f"{span.context.span_id:016x}", []), indent + "  ")
+
+
+_FORMAT = "%(trace)-32s %(span)-16s %(task)-22s %(name)-8s %(message)s"
+_HEADER = {
+    "trace": "trace id",
+    "span": "span id",
+    "task": "task",
+    "name": "logger",
+    "message": "message",
+}
 
 
 def run_demo() -> None:
@@ -202,18 +289,22 @@ def run_demo() -> None:
     tracer = provider.get_tracer("demo.app")
     register(request_id, tenant)  # carried into every background task; db_session is not
 
+    columns = _LogColumns()
     handler = logging.StreamHandler(sys.stdout)
     handler.addFilter(TraceIdFilter())
-    handler.setFormatter(logging.Formatter("trace=%(trace_id)-32s %(name)-8s %(message)s"))
+    handler.addFilter(columns)
+    handler.setFormatter(logging.Formatter(_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
     level = root.level
     root.setLevel(logging.INFO)
 
     print("ctxkit demo: a web app spawns background work from its requests.")
-    print("Every log line carries the trace id of the code that wrote it (TraceIdFilter).")
+    print("Every log line carries the trace id and span id of the code that wrote it")
+    print("(TraceIdFilter), and the name of the background task that wrote it, if any.")
     print("Background tasks carry request_id and tenant (registered), not db_session.")
     _rule("Log lines, as your log aggregator would see them")
+    print(_FORMAT % _HEADER)
     try:
         runner = asyncio.run(serve(provider))
     finally:
@@ -224,8 +315,9 @@ def run_demo() -> None:
 
     _rule("Traces: the exported spans of each trace, as a tree")
     print("Task spans are children of the request (same trace id), or start their own")
-    print("trace with a link to the request (propagation='link'). Each shows its outcome.")
-    _print_trees(exporter.get_finished_spans())
+    print("trace with a link to the request (propagation='link'). Each shows its outcome;")
+    print("span=False tasks have no span: they are listed under the span current in them.")
+    _print_trees(exporter.get_finished_spans(), columns.spanless)
 
     _rule("Runner statistics")
     stats = runner.statistics()

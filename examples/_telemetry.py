@@ -92,7 +92,11 @@ def setup_telemetry(service_name: str) -> None:
         SimpleSpanProcessor(JsonLinesSpanExporter(_open("CTXKIT_EXAMPLE_SPANS")))
     )
     trace.set_tracer_provider(provider)
+    setup_logging()
 
+
+def setup_logging() -> None:
+    """Install a JSON log handler on the root logger, with ``TraceIdFilter`` on it."""
     handler = logging.StreamHandler(_open("CTXKIT_EXAMPLE_LOGS"))
     handler.addFilter(ctxkit.TraceIdFilter())
     handler.setFormatter(JsonFormatter())

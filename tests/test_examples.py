@@ -51,12 +51,13 @@ def free_port() -> int:
 
 
 def command(app: str, port: int) -> list[str]:
-    if app == "fastapi":
-        return [
-            *(sys.executable, "-m", "uvicorn", "--app-dir", str(EXAMPLES), "fastapi_app:app"),
-            *("--host", "127.0.0.1", "--port", str(port), "--timeout-graceful-shutdown", "1"),
-        ]
-    return [sys.executable, str(EXAMPLES / "aiohttp_app.py"), "--port", str(port)]
+    """The command that serves ``examples/{app}_app.py``: aiohttp's own, else uvicorn."""
+    if app == "aiohttp":
+        return [sys.executable, str(EXAMPLES / "aiohttp_app.py"), "--port", str(port)]
+    return [
+        *(sys.executable, "-m", "uvicorn", "--app-dir", str(EXAMPLES), f"{app}_app:app"),
+        *("--host", "127.0.0.1", "--port", str(port), "--timeout-graceful-shutdown", "1"),
+    ]
 
 
 @dataclass

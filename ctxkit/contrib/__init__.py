@@ -3,4 +3,6 @@
 - ``ctxkit.contrib.taskiq``: ``CtxkitMiddleware`` for taskiq (``pip install "ctxkit[taskiq]"``).
 - ``ctxkit.contrib.structlog``: the ``add_trace_ids`` processor
   (``pip install "ctxkit[structlog]"``).
+- ``ctxkit.contrib.asgi``: ``TraceIdMiddleware``, one fake trace id per untraced request (no
+  extra needed: it is pure ASGI).
 """
