@@ -266,7 +266,9 @@ class TestEnteredContextSource:
         with tracer.start_as_current_span("stale"):
             stash.set(otel_context.get_current())
         # Many other vars, so that hash order has every chance to pick the stash first.
-        extra = [contextvars.ContextVar(f"x{i}") for i in range(50)]
+        extra: list[contextvars.ContextVar[object]] = [
+            contextvars.ContextVar(f"x{i}") for i in range(50)
+        ]
         for var in extra:
             var.set(otel_context.Context())
         with tracer.start_as_current_span("live") as live:
@@ -275,11 +277,11 @@ class TestEnteredContextSource:
             seen: list[str | None] = []
 
             def check() -> None:  # runs inside ``source``: entered, so run() on it raises
-                for clone in (
+                clones = (
                     ctxkit.clone_without_span(context=source),
                     ctxkit.clone(context=source, tracer_provider=tracer_provider),
-                ):
-                    seen.append(clone.run(ctxkit.current_trace_id))
+                )
+                seen.extend(clone.run(ctxkit.current_trace_id) for clone in clones)
                 carrier: dict[str, str] = {}
                 propagation.inject(carrier, context=source)
                 seen.append(carrier["traceparent"].split("-")[1])
@@ -289,7 +291,7 @@ class TestEnteredContextSource:
 
 
 class TestTestingRunnerIsScoped:
-    """Bug 6: after a test's ctxkit_runner closed on a shared loop, spawn raised RunnerClosedError."""
+    """Bug 6: a test runner closed on a shared loop made later spawns raise RunnerClosedError."""
 
     @ASYNCIO_ONLY
     async def test_spawn_after_a_testing_runner_uses_the_implicit_runner(
@@ -351,7 +353,9 @@ class TestCloneCache:
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """1000 clones of an unchanged source build one clone, whatever the selection size."""
-        many = tuple(contextvars.ContextVar(f"v{i}") for i in range(40))
+        many: tuple[contextvars.ContextVar[int], ...] = tuple(
+            contextvars.ContextVar(f"v{i}") for i in range(40)
+        )
         for index, var in enumerate(many):
             var.set(index)
         builds: list[object] = []
@@ -417,8 +421,7 @@ class TestAlsoSeen:
             await asyncio.Event().wait()
 
         async def main() -> None:
-            for index in range(20):
-                handles.append(ctxkit.spawn(forever, name=f"job-{index}"))
+            handles.extend(ctxkit.spawn(forever, name=f"job-{index}") for index in range(20))
             await asyncio.sleep(0)
 
         with caplog.at_level(logging.INFO, logger="ctxkit"):

@@ -339,7 +339,6 @@ class TestImplicitRunner:
         with pytest.raises(ctxkit.RunnerClosedError):
             ctxkit.spawn(noop)
 
-    @ASYNCIO_ONLY
     async def test_spawn_from_another_thread_is_refused(self, make_runner: MakeRunner) -> None:
         """A runner bound to a loop refuses spawns from other threads and closes the coroutine."""
         async with make_runner() as runner:
