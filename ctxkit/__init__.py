@@ -15,10 +15,13 @@ from ._errors import CtxkitError as CtxkitError
 from ._errors import NoRunnerError as NoRunnerError
 from ._errors import RunnerClosedError as RunnerClosedError
 from ._errors import RunnerFullError as RunnerFullError
+from ._executor import ContextExecutor as ContextExecutor
+from ._executor import bind as bind
 from ._logging import TraceIdFilter as TraceIdFilter
 from ._runner import BackgroundRunner as BackgroundRunner
 from ._runner import BackgroundTask as BackgroundTask
 from ._runner import current_task as current_task
+from ._runner_thread import RunnerThread as RunnerThread
 from ._spawn import current_runner as current_runner
 from ._spawn import drain as drain
 from ._spawn import fire_and_forget as fire_and_forget
@@ -32,15 +35,18 @@ from ._version import __version__ as __version__
 __all__ = [
     "BackgroundRunner",
     "BackgroundTask",
+    "ContextExecutor",
     "CtxkitError",
     "NoRunnerError",
     "RunnerClosedError",
     "RunnerFullError",
     "RunnerStatistics",
+    "RunnerThread",
     "TaskFailure",
     "TaskOutcome",
     "TraceIdFilter",
     "__version__",
+    "bind",
     "clone",
     "clone_without_span",
     "current_runner",

@@ -7,12 +7,18 @@ rejected coroutine is closed so that it can never warn "was never awaited".
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import threading
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
+import anyio.to_thread
+
 from ._clone import check_propagation
+from ._logging import logger
+from ._trace import current_trace_id
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -21,6 +27,7 @@ __all__ = [
     "check_hook",
     "check_limit",
     "check_seconds",
+    "default_name",
     "is_async_callable",
     "is_coroutine",
     "prepare_coroutine",
@@ -45,29 +52,120 @@ def is_async_callable(fn: object) -> bool:
 def prepare_coroutine(
     coro_or_fn: object, args: tuple[object, ...], caller: str
 ) -> Coroutine[Any, Any, Any]:
-    """Return the coroutine to run: ``coro_or_fn`` itself, or ``coro_or_fn(*args)``.
+    """Return the coroutine to run: ``coro_or_fn`` itself, or for a function with its ``args``.
+
+    An async function (or a ``functools.partial`` of one, or an object with an async
+    ``__call__``) is called; any other callable is run by the returned coroutine in a worker
+    thread (``anyio.to_thread.run_sync``), in the context the coroutine runs in.
 
     Raises:
-        TypeError: Anything but a coroutine object or an async function (with its args).
+        TypeError: Neither a coroutine object nor a callable, or an async function that did
+            not return a coroutine.
     """
     if is_coroutine(coro_or_fn):
         if args:
             coro_or_fn.close()  # type: ignore[attr-defined]
             raise TypeError(
                 f"{caller}() got a coroutine object and positional arguments {args!r}; pass "
-                "either a coroutine, or an async function followed by its arguments"
+                "either a coroutine, or a function followed by its arguments"
             )
         return coro_or_fn  # type: ignore[return-value]
-    if callable(coro_or_fn) and is_async_callable(coro_or_fn):
+    if not callable(coro_or_fn):
+        raise TypeError(
+            f"{caller}() takes a coroutine object, an async function or a plain function, got "
+            f"{coro_or_fn!r}"
+        )
+    if is_async_callable(coro_or_fn):
         coro = coro_or_fn(*args)
         if is_coroutine(coro):
             return coro  # type: ignore[no-any-return]
         raise TypeError(f"{caller}(): {coro_or_fn!r} returned {coro!r}, not a coroutine")
-    raise TypeError(
-        f"{caller}() takes a coroutine object or an async function, got {coro_or_fn!r}; "
-        "a plain function would run at once in the caller: make it `async def`, or run it "
-        "in a thread with anyio.to_thread.run_sync inside an async function"
-    )
+    if inspect.isgeneratorfunction(coro_or_fn) or inspect.isasyncgenfunction(coro_or_fn):
+        raise TypeError(
+            f"{caller}() cannot run the generator function {coro_or_fn!r}: calling it only "
+            "makes a generator; wrap the loop that consumes it in a function"
+        )
+    return _in_worker_thread(coro_or_fn, args)
+
+
+async def _in_worker_thread(fn: Any, args: tuple[object, ...]) -> object:
+    """Run the plain function ``fn(*args)`` in a worker thread, in the calling context.
+
+    A thread cannot be stopped: when the task is cancelled or times out, it ends at once and
+    the thread is left to finish on its own; what it returns then is dropped, and how it ended
+    is logged (see ``_ThreadCall``), so not even that is silent.
+    """
+    call = _ThreadCall(fn, args)
+    try:
+        return await anyio.to_thread.run_sync(call.run, abandon_on_cancel=True)
+    finally:
+        call.settle()
+
+
+class _ThreadCall:
+    """One plain function call in a worker thread, which its task may stop waiting for."""
+
+    __slots__ = ("abandoned", "args", "finished", "fn", "lock")
+
+    def __init__(self, fn: Any, args: tuple[object, ...]) -> None:
+        self.fn, self.args = fn, args
+        self.lock = threading.Lock()
+        self.finished = self.abandoned = False
+
+    def run(self) -> object:
+        try:
+            result = self.fn(*self.args)
+        except BaseException as exc:
+            if self._finish():
+                logger.error(
+                    "the thread of background task %r raised after the task had ended "
+                    "(cancelled or timed out): %s: %s [trace_id=%s]",
+                    _name_of(self.fn),
+                    type(exc).__qualname__,
+                    exc,
+                    current_trace_id(),
+                    exc_info=exc,
+                )
+            raise
+        if self._finish():
+            logger.warning(
+                "the thread of background task %r finished after the task had ended "
+                "(cancelled or timed out); its result was dropped [trace_id=%s]",
+                _name_of(self.fn),
+                current_trace_id(),
+            )
+        return result
+
+    def _finish(self) -> bool:
+        """Mark the call finished; True if its task had stopped waiting for it."""
+        with self.lock:
+            self.finished = True
+            return self.abandoned
+
+    def settle(self) -> None:
+        """Called when the task stops waiting: abandoned, unless the call finished."""
+        with self.lock:
+            self.abandoned = not self.finished
+
+
+def _name_of(fn: object) -> str:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    name = getattr(fn, "__qualname__", None)
+    return name if isinstance(name, str) else repr(fn)
+
+
+def default_name(coro_or_fn: object, coro: Coroutine[Any, Any, Any]) -> str:
+    """Return a task's name when ``spawn`` was given none: the function's or coroutine's."""
+    if getattr(coro, "cr_code", None) is _in_worker_thread.__code__ or not is_coroutine(coro_or_fn):
+        target: object = coro_or_fn
+        while isinstance(target, functools.partial):
+            target = target.func
+        name = getattr(target, "__qualname__", None)
+        if isinstance(name, str):
+            return name
+    name = getattr(coro, "__qualname__", None)
+    return name if isinstance(name, str) else repr(coro_or_fn)
 
 
 def validate_options(

@@ -1,13 +1,16 @@
-"""Which runner ``ctxkit.spawn`` uses: the open runners of each event loop, in opening order.
+"""Which runner ``ctxkit.spawn`` uses: the open runners of each event loop, and of the process.
 
 On asyncio the runners of a loop are kept in a weak mapping keyed by the loop (plus the
 loop's implicit runner, made on first use when no runner was ever opened there); on other
-backends (trio) in an anyio ``RunVar``, which lives exactly as long as the run.
+backends (trio) in an anyio ``RunVar``, which lives exactly as long as the run. Every entered
+runner is also in one process-wide list, in opening order, for code that runs in a thread with
+no event loop (a sync endpoint, a WSGI app, an executor's worker).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import weakref
 from typing import TYPE_CHECKING
 
@@ -18,7 +21,7 @@ from ._errors import NoRunnerError
 if TYPE_CHECKING:
     from ._runner import BackgroundRunner
 
-__all__ = ["LoopRunners", "loop_runners"]
+__all__ = ["LoopRunners", "loop_runners", "process_runners"]
 
 
 class LoopRunners:
@@ -84,3 +87,34 @@ def loop_runners() -> LoopRunners:
             "code (from another thread, hand the call to the loop with "
             "anyio.from_thread.run_sync or loop.call_soon_threadsafe)"
         ) from exc
+
+
+class ProcessRunners:
+    """Every entered runner of the process that has not closed, in opening order (thread-safe)."""
+
+    __slots__ = ("_lock", "_runners")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runners: tuple[BackgroundRunner, ...] = ()
+
+    def add(self, runner: BackgroundRunner) -> None:
+        """Record an entered runner."""
+        with self._lock:
+            self._runners = (*self._runners, runner)
+
+    def remove(self, runner: BackgroundRunner) -> None:
+        """Forget a closed runner."""
+        with self._lock:
+            self._runners = tuple(other for other in self._runners if other is not runner)
+
+    def first_accepting(self) -> BackgroundRunner | None:
+        """Return the first-opened runner that still takes work from outside, or None."""
+        for runner in self._runners:  # a tuple, replaced whole: safe to read without the lock
+            if runner.accepting:
+                return runner
+        return None
+
+
+#: The runners of the whole process (see ``ProcessRunners``).
+process_runners = ProcessRunners()

@@ -21,6 +21,7 @@ returns, lives here too: the core is the only code that changes its state.
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from contextvars import ContextVar
 from time import perf_counter
@@ -41,10 +42,11 @@ from ._options import (
     check_hook,
     check_limit,
     check_seconds,
+    default_name,
     prepare_coroutine,
     validate_options,
 )
-from ._registry import loop_runners
+from ._registry import loop_runners, process_runners
 from ._task import RunnerStatistics, TaskFailure, TaskOutcome
 from ._trace import fake_trace_id_var, get_tracer, start_span
 
@@ -346,6 +348,10 @@ class BackgroundRunner:
         self._rejected = 0
         self._starting = False
         self._implicit = False
+        # Spawns from other threads: admission there and arrival here go through the lock,
+        # and so does leaving "open"; ``_inbound`` counts the accepted ones not yet arrived.
+        self._lock = threading.Lock()
+        self._inbound = 0
         # The implicit runner, once its loop tears down: the names the teardown cancelled.
         self._torn_down: list[str] | None = None
 
@@ -363,6 +369,7 @@ class BackgroundRunner:
             raise RuntimeError(f"{self!r} was already entered; make a new BackgroundRunner")
         self._open(implicit=False)
         loop_runners().add(self)
+        process_runners.add(self)
         return self
 
     def _open(self, *, implicit: bool) -> None:
@@ -386,11 +393,13 @@ class BackgroundRunner:
         finally:
             self._state = "closed"
             loop_runners().remove(self)
+            process_runners.remove(self)
             absorbed = self._backend.exit(exc_type, exc_val, exc_tb)
         return absorbed or None
 
     async def _shutdown(self, *, skip_drain: bool) -> None:
-        self._state = "draining"
+        with self._lock:  # from now on no other thread's spawn is accepted
+            self._state = "draining"
         reason: str | None = "the task holding the runner was cancelled"
         try:
             if not skip_drain:
@@ -466,13 +475,22 @@ class BackgroundRunner:
             await self._wait_idle(me if me is not None and me._runner is self else None)
 
     async def _wait_idle(self, me: BackgroundTask[Any] | None) -> None:
-        while len(self._running) + self._pending_count > (me is not None and me in self._running):
+        while self._busy() > (me is not None and me in self._running):
             event = anyio.Event()
             self._waiters.append(event)
             await event.wait()
 
+    def _busy(self) -> int:
+        """Count the tasks that keep a drain waiting: running, pending, or on their way here."""
+        return len(self._running) + self._pending_count + self._inbound
+
     def statistics(self) -> RunnerStatistics:
-        """Return a snapshot of the counters (see ``RunnerStatistics``)."""
+        """Return a snapshot of the counters (see ``RunnerStatistics``).
+
+        Read on the runner's own loop it is exact; read from another thread it may miss the
+        tasks that end at that very instant (and it never counts spawns from other threads
+        that have not reached the loop yet).
+        """
         return RunnerStatistics(
             spawned=self._spawned,
             running=len(self._running),
@@ -512,6 +530,18 @@ class BackgroundRunner:
     def spawn(
         self,
         coro_or_fn: Callable[..., Awaitable[T]],
+        *args: object,
+        vars: tuple[ContextVar[Any], ...] | list[ContextVar[Any]] = (),
+        name: str | None = None,
+        propagation: Propagation = "child",
+        span: bool = True,
+        timeout: float | None = None,
+    ) -> BackgroundTask[T]: ...
+
+    @overload
+    def spawn(
+        self,
+        coro_or_fn: Callable[..., T],
         *args: object,
         vars: tuple[ContextVar[Any], ...] | list[ContextVar[Any]] = (),
         name: str | None = None,
@@ -621,13 +651,22 @@ class BackgroundRunner:
 
     def _admit(self, task: BackgroundTask[Any]) -> None:
         """Count an accepted task and start it, or queue it when ``limit`` tasks run."""
+        if self._count_in(task):
+            self._launch(task)
+
+    def _count_in(self, task: BackgroundTask[Any]) -> bool:
+        """Count an accepted task as running (True: start it now) or queue it (False)."""
         self._spawned += 1
         limit = self._limit
         if limit is not None and len(self._running) >= limit:
             self._pending.append(task)
             self._pending_count += 1
-            return
+            return False
         self._running[task] = None
+        return True
+
+    def _launch(self, task: BackgroundTask[Any]) -> None:
+        """Start a task counted as running, on the loop, as soon as it was counted."""
         self._metrics.wait.record(0.0)
         assert self._backend is not None
         assert task._coro is not None
@@ -635,6 +674,72 @@ class BackgroundRunner:
         native = self._backend.start(task, task._coro, task._context, task.name, task._timeout)
         if task._native is None and task._outcome is None:
             task._native = native  # until it runs (and says what cancels it)
+
+    def _reserve_from_thread(self) -> None:
+        """Admit a spawn made in another thread than the loop's, or raise why not.
+
+        Runs in the calling thread, under the lock: the runner must be open and have room
+        for the tasks running, pending and on their way. The task is counted once it
+        arrives (``_arrive``).
+        """
+        with self._lock:
+            if self._state != "open":
+                pass  # raised below, outside the lock
+            else:
+                limit, pending_limit = self._limit, self._pending_limit
+                if (
+                    limit is None
+                    or pending_limit is None
+                    or self._busy() < limit + pending_limit
+                    or len(self._running) + self._inbound < limit
+                ):
+                    self._inbound += 1
+                    return
+                self._rejected += 1
+        if self._state != "open":
+            self._check_accepting()  # raises RunnerClosedError
+        self._metrics.rejected.add(1)
+        raise RunnerFullError(
+            f"{self!r} is full: {self._limit} tasks running and {self._pending_limit} pending; "
+            "raise limit/pending_limit, or slow the producer down"
+        )
+
+    def _hand_over(self, task: BackgroundTask[Any]) -> None:
+        """Send a task spawned in another thread to the loop (its slot is reserved)."""
+        assert self._backend is not None
+        try:
+            self._backend.run_soon_threadsafe(lambda: self._arrive(task))
+        except BaseException:
+            with self._lock:
+                self._inbound -= 1
+            assert task._coro is not None
+            task._coro.close()
+            if task._span is not None:
+                task._span.end()
+            raise
+
+    def _arrive(self, task: BackgroundTask[Any]) -> None:
+        """Count, and start or queue, a task spawned in another thread (on the loop)."""
+        with self._lock:
+            self._inbound -= 1
+            accepted = self._state in ("open", "draining")
+            start = accepted and self._count_in(task)
+        if start:
+            self._launch(task)
+        elif not accepted:
+            # Admitted in its thread just before the shutdown's cancelling began: it never
+            # runs, and says so.
+            self._spawned += 1
+            self._pending_count += 1
+            self._pending.append(task)
+            task.cancel()
+            logger.warning(
+                "background task %r, spawned from another thread, reached %r after its "
+                "shutdown had begun and was cancelled [trace_id=%s]",
+                task.name,
+                self,
+                task.trace_id,
+            )
 
     def _start_next(self) -> None:
         """Start queued tasks while there is room, as a loop that never re-enters itself."""
@@ -761,7 +866,7 @@ class BackgroundRunner:
             metrics.duration.record(perf_counter() - task._started_at, attributes)
         if task._done_event is not None:
             task._done_event.set()
-        if self._waiters and len(self._running) + self._pending_count <= 1:
+        if self._waiters and self._busy() <= 1:
             waiters, self._waiters = self._waiters, []
             for event in waiters:
                 event.set()
@@ -876,6 +981,7 @@ def submit(
         coro: Coroutine[Any, Any, Any] = coro_or_fn
     else:
         coro = prepare_coroutine(coro_or_fn, args, "spawn")
+    from_thread = False
     try:
         if (
             propagation != "child"
@@ -886,8 +992,11 @@ def submit(
             timeout = validate_options(propagation, span, timeout, name)
         plan = plan_for(vars, "spawn")
         backend = runner._backend
-        if runner._state != "open" or backend is None or not backend.is_current():
+        if runner._state != "open" or backend is None:
             runner._check_accepting()
+        elif not backend.is_current():
+            runner._reserve_from_thread()
+            from_thread = True
         else:
             limit = runner._limit
             if limit is not None and len(runner._running) >= limit:
@@ -898,11 +1007,7 @@ def submit(
         coro.close()
         raise
     if name is None:
-        name = (
-            coro.__qualname__
-            if type(coro) is CoroutineType
-            else getattr(coro, "__qualname__", None) or repr(coro)
-        )
+        name = coro.__qualname__ if coro is coro_or_fn else default_name(coro_or_fn, coro)
     task_span: trace.Span | None = None
     if span:
         task_span = start_span(
@@ -916,7 +1021,10 @@ def submit(
     task = BackgroundTask(
         runner, coro, name, context, task_span, span_context, timeout, perf_counter()
     )
-    runner._admit(task)
+    if from_thread:
+        runner._hand_over(task)
+    else:
+        runner._admit(task)
     return task
 
 

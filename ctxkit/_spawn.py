@@ -15,7 +15,7 @@ import anyio
 from ._clone import selection
 from ._errors import NoRunnerError, RunnerClosedError
 from ._options import is_coroutine, validate_options
-from ._registry import LoopRunners, loop_runners
+from ._registry import LoopRunners, loop_runners, process_runners
 from ._runner import BackgroundRunner, open_implicit_runner, own_runner, submit
 
 if TYPE_CHECKING:
@@ -38,20 +38,39 @@ def current_runner() -> BackgroundRunner:
     from its tasks; else the *first-opened* runner of the current event loop that is still
     open (so request handlers find the runner their app opened at startup, in another task);
     else, on asyncio when no runner was ever opened in this loop, the loop's implicit runner
-    (made on first use, default limits, drained by ``await ctxkit.drain()``).
+    (made on first use, default limits, drained by ``await ctxkit.drain()``). In a thread
+    with no event loop (a sync endpoint's worker thread, a WSGI app, an executor's job): the
+    first-opened runner of the process that still takes work, of any loop or a
+    ``RunnerThread``.
 
     Raises:
         RunnerClosedError: Every runner opened in this loop has shut down or is shutting down.
-        NoRunnerError: No event loop is running, or on trio no runner is open.
+        NoRunnerError: On trio no runner is open, or in a thread with no event loop no runner
+            of the process takes work.
     """
     runner = own_runner()
     if runner is not None:
         return runner
-    state = loop_runners()
+    try:
+        state = loop_runners()
+    except NoRunnerError:
+        return _process_runner()
     for runner in state.runners:
         if runner.accepting:
             return runner
     return _fallback(state)
+
+
+def _process_runner() -> BackgroundRunner:
+    """Return the runner for code with no event loop in its thread: the process's first."""
+    runner = process_runners.first_accepting()
+    if runner is None:
+        raise NoRunnerError(
+            "no event loop runs in this thread and no BackgroundRunner of the process takes "
+            "work: open one around the app (`async with ctxkit.BackgroundRunner():` in its "
+            "lifespan), or start a `ctxkit.RunnerThread()` for code with no event loop"
+        )
+    return runner
 
 
 def _fallback(state: LoopRunners) -> BackgroundRunner:
@@ -89,6 +108,18 @@ def spawn(
 @overload
 def spawn(
     coro_or_fn: Callable[..., Awaitable[T]],
+    *args: object,
+    vars: tuple[ContextVar[Any], ...] | list[ContextVar[Any]] = (),
+    name: str | None = None,
+    propagation: Propagation = "child",
+    span: bool = True,
+    timeout: float | None = None,
+) -> BackgroundTask[T]: ...
+
+
+@overload
+def spawn(
+    coro_or_fn: Callable[..., T],
     *args: object,
     vars: tuple[ContextVar[Any], ...] | list[ContextVar[Any]] = (),
     name: str | None = None,

@@ -214,17 +214,13 @@ class TestAcceptedWork:
                 runner.spawn(coro, 2)  # type: ignore[call-overload]
             assert is_closed(coro)
 
-    @pytest.mark.parametrize(
-        "work",
-        [lambda: None, print, 42, "work", None],
-        ids=["lambda", "builtin", "int", "str", "None"],
-    )
-    async def test_non_async_work_raises_type_error(
+    @pytest.mark.parametrize("work", [42, "work", None], ids=["int", "str", "None"])
+    async def test_non_callable_work_raises_type_error(
         self, make_runner: MakeRunner, work: object
     ) -> None:
-        """Anything but a coroutine or an async function raises TypeError at the call."""
+        """Anything but a coroutine or a callable raises TypeError at the call."""
         async with make_runner() as runner:
-            with pytest.raises(TypeError, match="coroutine object or an async function"):
+            with pytest.raises(TypeError, match="an async function or a plain function"):
                 runner.spawn(work)  # type: ignore[call-overload]
             assert runner.statistics().spawned == 0
 

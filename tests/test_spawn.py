@@ -137,9 +137,9 @@ class TestWhichRunner:
         assert handle.trace_id == trace_id
 
     async def test_spawn_refuses_non_async_work(self, make_runner: MakeRunner) -> None:
-        """ctxkit.spawn raises TypeError for non-coroutines and closes a coroutine with args."""
+        """ctxkit.spawn raises TypeError for non-callables and closes a coroutine with args."""
         async with make_runner() as runner:
-            not_async: Any = print
+            not_async: Any = 42
             with pytest.raises(TypeError):
                 ctxkit.spawn(not_async)
             coro = noop()
@@ -339,23 +339,20 @@ class TestImplicitRunner:
         with pytest.raises(ctxkit.RunnerClosedError):
             ctxkit.spawn(noop)
 
-    async def test_spawn_from_another_thread_is_refused(self, make_runner: MakeRunner) -> None:
-        """A runner bound to a loop refuses spawns from other threads and closes the coroutine."""
+    async def test_spawn_from_another_thread_is_handed_to_the_loop(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """A spawn from another thread runs on the runner's loop, in the caller's clone."""
+        loops: list[object] = []
+
+        async def where() -> None:
+            loops.append(threading.current_thread())
+
         async with make_runner() as runner:
-            coro = noop()
-            errors: list[BaseException] = []
-
-            def from_thread() -> None:
-                try:
-                    runner.spawn(coro)
-                except RuntimeError as exc:
-                    errors.append(exc)
-
-            await anyio.to_thread.run_sync(from_thread)
-        assert len(errors) == 1
-        assert "another event loop or thread" in str(errors[0])
-        assert is_closed(coro)
-        assert threading.current_thread() is threading.main_thread()
+            handles: list[ctxkit.BackgroundTask[None]] = []
+            await anyio.to_thread.run_sync(lambda: handles.append(runner.spawn(where)))
+            assert await handles[0].wait() == "ok"
+        assert loops == [threading.current_thread()]
 
 
 class TestAsyncioRunTeardown:

@@ -1,0 +1,143 @@
+"""``RunnerThread``: a ``BackgroundRunner`` on an event loop of its own, for code with no loop.
+
+A WSGI app (Flask, Django), a CLI or a Celery task body has no event loop, yet has the same
+need: work that outlives the request, keeps its trace, inherits nothing else and is drained at
+shutdown. This module runs one asyncio loop in a daemon thread, opens a runner in it, and
+shuts it down exactly as ``async with`` would, when asked or at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from ._runner import BackgroundRunner
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = ["RunnerThread"]
+
+#: Started and not yet stopped; stopped (drained) at interpreter exit.
+_alive: weakref.WeakSet[RunnerThread] = weakref.WeakSet()
+
+
+class RunnerThread:
+    """Run a ``BackgroundRunner`` on its own asyncio event loop, in a daemon thread.
+
+    ``with ctxkit.RunnerThread(limit=..., drain_timeout=...) as runner:`` starts the thread
+    and returns its runner; ``start()`` / ``stop()`` do the same for apps without a block
+    (Django's ``AppConfig.ready``, a Flask app factory, gunicorn's ``post_fork``).
+
+    Semantics:
+        The options are ``BackgroundRunner``'s, checked at once. ``runner.spawn(...)``,
+        ``ctxkit.spawn(...)`` (from any thread with no event loop of its own: this is the
+        process's first-opened runner unless another was opened before) and decorated calls
+        clone the *calling* thread's context and hand the task to the runner's loop. Leaving
+        the block (or ``stop()``) drains and shuts the runner down exactly as leaving
+        ``async with BackgroundRunner()`` does (``drain_timeout``, ``cancel_timeout``, the
+        summary line, the statistics), then joins the thread. A runner thread never stopped is
+        stopped at interpreter exit (``atexit``), so its tasks are drained then. In a forking
+        server, start it in each worker process after the fork (gunicorn's ``post_fork``),
+        never in the master: a thread does not survive ``fork()``.
+
+    Args:
+        **options: ``BackgroundRunner``'s keyword options.
+
+    Raises:
+        TypeError: A bad option type (as ``BackgroundRunner``).
+        ValueError: A bad option value.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self._runner = BackgroundRunner(**options)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        state = "running" if self._thread is not None and self._thread.is_alive() else "stopped"
+        return f"<RunnerThread {state} {self._runner!r}>"
+
+    @property
+    def runner(self) -> BackgroundRunner:
+        """The runner this thread serves."""
+        return self._runner
+
+    def start(self) -> BackgroundRunner:
+        """Start the thread, open the runner in it and return the runner.
+
+        Raises:
+            RuntimeError: Started before (a runner thread runs once).
+        """
+        with self._lock:
+            if self._thread is not None:
+                raise RuntimeError(f"{self!r} was started already; make a new RunnerThread")
+            ready = threading.Event()
+            self._thread = threading.Thread(
+                target=self._main, args=(ready,), name="ctxkit-runner", daemon=True
+            )
+            self._thread.start()
+        ready.wait()
+        if self._error is not None:
+            raise RuntimeError(f"{self!r} failed to start") from self._error
+        _alive.add(self)
+        return self._runner
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Drain and shut the runner down as ``async with`` does, then join the thread.
+
+        Waits for the whole shutdown (at most ``drain_timeout + cancel_timeout``) and the
+        thread; with ``timeout``, waits at most that many seconds for both. Stopping a thread
+        that is not running does nothing.
+        """
+        loop, stop_event, thread = self._loop, self._stop_event, self._thread
+        _alive.discard(self)
+        if loop is None or stop_event is None or thread is None:
+            return
+        try:
+            loop.call_soon_threadsafe(stop_event.set)
+        except RuntimeError:  # its loop has closed: nothing left to stop
+            return
+        if thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def __enter__(self) -> BackgroundRunner:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _main(self, ready: threading.Event) -> None:
+        try:
+            asyncio.run(self._serve(ready))
+        except BaseException as exc:
+            if not ready.is_set():
+                self._error = exc
+                ready.set()
+            else:  # pragma: no cover - the runner's shutdown logs its own troubles
+                raise
+
+    async def _serve(self, ready: threading.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        async with self._runner:
+            ready.set()
+            await self._stop_event.wait()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Drain every runner thread nobody stopped (at interpreter exit)."""
+    for runner_thread in list(_alive):
+        runner_thread.stop()

@@ -1,0 +1,488 @@
+"""Background work from sync code and threads: spawn from any thread, plain functions, bind,
+ContextExecutor and RunnerThread (issue 11)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+from opentelemetry import trace
+
+import ctxkit
+
+from ._support import ASYNCIO_ONLY, assert_identity, noop
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from ._support import MakeRunner
+
+pytestmark = pytest.mark.anyio
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("thread_request_id")
+secret: contextvars.ContextVar[str] = contextvars.ContextVar("thread_secret")
+
+
+def hex_trace(span: trace.Span) -> str:
+    return f"{span.get_span_context().trace_id:032x}"
+
+
+async def observe() -> tuple[str | None, str | None, str | None]:
+    return request_id.get(None), secret.get(None), ctxkit.current_trace_id()
+
+
+def observe_sync() -> tuple[str | None, str | None, str | None, str]:
+    return (
+        request_id.get(None),
+        secret.get(None),
+        ctxkit.current_trace_id(),
+        threading.current_thread().name,
+    )
+
+
+class TestSpawnFromAThread:
+    """runner.spawn, ctxkit.spawn and decorated calls work from any thread."""
+
+    async def test_the_clone_is_made_in_the_calling_thread(
+        self, make_runner: MakeRunner, tracer_provider: TracerProvider
+    ) -> None:
+        """The task sees the calling thread's selected vars and trace, not unselected ones."""
+        tracer = tracer_provider.get_tracer("test")
+        seen: list[tuple[str, ctxkit.BackgroundTask[Any]]] = []
+
+        def handler(runner: ctxkit.BackgroundRunner) -> None:
+            request_id.set("r-thread")
+            secret.set("session")
+            with tracer.start_as_current_span("sync endpoint") as span:
+                seen.append((hex_trace(span), runner.spawn(observe, vars=(request_id,))))
+                seen.append((hex_trace(span), ctxkit.spawn(observe, vars=(request_id,))))
+
+        async with make_runner() as runner:
+            await anyio.to_thread.run_sync(handler, runner)
+            for trace_id, handle in seen:
+                assert await handle.wait() == "ok"
+                assert handle.result() == ("r-thread", None, trace_id)
+        assert_identity(runner.statistics())
+        assert runner.statistics().spawned == 2
+
+    async def test_decorated_calls_from_a_thread(self, make_runner: MakeRunner) -> None:
+        """A fire_and_forget function called in a thread spawns on the process's runner."""
+
+        @ctxkit.fire_and_forget(vars=(request_id,), span=False)
+        async def job() -> str | None:
+            return request_id.get(None)
+
+        def handler() -> ctxkit.BackgroundTask[str | None]:
+            request_id.set("r-decorated")
+            return job()
+
+        async with make_runner():
+            handle = await anyio.to_thread.run_sync(handler)
+            assert await handle.wait() == "ok"
+            assert handle.result() == "r-decorated"
+
+    async def test_closed_and_full_runners_raise_in_the_caller(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """RunnerFullError and RunnerClosedError reach the calling thread; nothing is counted."""
+        release = anyio.Event()
+        errors: list[BaseException] = []
+
+        def spawn_twice(runner: ctxkit.BackgroundRunner) -> None:
+            for _ in range(2):
+                try:
+                    runner.spawn(noop)
+                except (ctxkit.RunnerFullError, ctxkit.RunnerClosedError) as exc:
+                    errors.append(exc)
+
+        async def blocker() -> None:
+            await release.wait()
+
+        async with make_runner(limit=1, pending_limit=0) as runner:
+            runner.spawn(blocker)
+            await anyio.to_thread.run_sync(spawn_twice, runner)
+            assert [type(e) for e in errors] == [ctxkit.RunnerFullError] * 2
+            assert runner.statistics().rejected == 2
+            release.set()
+        errors.clear()
+        await anyio.to_thread.run_sync(spawn_twice, runner)
+        assert [type(e) for e in errors] == [ctxkit.RunnerClosedError] * 2
+        stats = runner.statistics()
+        assert_identity(stats)
+        assert stats.spawned == 1
+
+    def test_no_runner_anywhere_raises_no_runner_error(self) -> None:
+        """A thread with no loop and no open runner in the process gets a helpful error."""
+        coro = noop()
+        with pytest.raises(ctxkit.NoRunnerError, match="RunnerThread"):
+            ctxkit.spawn(coro)
+        assert coro.cr_frame is None
+
+    async def test_no_deadlock_while_the_loop_awaits_the_thread(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """A handler the loop is awaiting can spawn (and its task runs once the loop is free)."""
+
+        def handler(runner: ctxkit.BackgroundRunner) -> ctxkit.BackgroundTask[None]:
+            handle = runner.spawn(noop)
+            time.sleep(0.01)  # the loop is blocked in to_thread on us meanwhile
+            return handle
+
+        async with make_runner() as runner:
+            handle = await anyio.to_thread.run_sync(handler, runner)
+            assert await handle.wait() == "ok"
+
+    async def test_many_threads_spawn_into_one_runner(self, make_runner: MakeRunner) -> None:
+        """8 threads x 10,000 spawns while the runner runs: exact counts, each its own vars."""
+        threads, per_thread = 8, 10_000
+        wrong: list[tuple[str, str | None]] = []
+        done = 0
+
+        async def check(expected: str) -> None:
+            nonlocal done
+            got = request_id.get(None)
+            if got != expected:
+                wrong.append((expected, got))
+            done += 1
+
+        def producer(runner: ctxkit.BackgroundRunner, index: int) -> None:
+            label = f"thread-{index}"
+            request_id.set(label)
+            for _ in range(per_thread):
+                runner.spawn(check, label, vars=(request_id,), span=False)
+
+        async with make_runner(limit=None, pending_limit=None, drain_timeout=120) as runner:
+            async with anyio.create_task_group() as group:
+                for index in range(threads):
+                    group.start_soon(anyio.to_thread.run_sync, producer, runner, index)
+            await runner.drain(120)
+            stats = runner.statistics()
+        assert wrong == []
+        assert done == threads * per_thread
+        assert_identity(stats)
+        assert (stats.spawned, stats.ok) == (threads * per_thread, threads * per_thread)
+
+
+class TestPlainFunctions:
+    """spawn(fn, *args) with a plain callable runs it in a worker thread, in the clone."""
+
+    async def test_a_plain_function_runs_in_a_worker_thread_in_the_clone(
+        self, make_runner: MakeRunner, span_exporter: InMemorySpanExporter
+    ) -> None:
+        """Same span, vars and trace as a coroutine task; the work runs off the loop's thread."""
+        request_id.set("r-plain")
+        secret.set("session")
+        async with make_runner() as runner:
+            handle = runner.spawn(observe_sync, vars=(request_id,), name="smtp")
+            assert await handle.wait() == "ok"
+        rid, hidden, trace_id, thread_name = handle.result()
+        assert (rid, hidden, trace_id) == ("r-plain", None, handle.trace_id)
+        assert thread_name != threading.current_thread().name
+        (span,) = [s for s in span_exporter.get_finished_spans() if s.name == "smtp"]
+        assert span.attributes is not None
+        assert span.attributes["ctxkit.task.outcome"] == "ok"
+
+    async def test_lambdas_and_partials_of_plain_functions_are_plain(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """A lambda or functools.partial of a plain function runs in a thread too."""
+        loop_thread = threading.current_thread().name
+        async with make_runner() as runner:
+            first = runner.spawn(lambda: threading.current_thread().name)
+            second = runner.spawn(functools.partial(str.upper, "x"))
+            assert await first.wait() == "ok"
+            assert await second.wait() == "ok"
+        assert first.result() != loop_thread
+        assert second.result() == "X"
+        assert (
+            first.name
+            == "TestPlainFunctions.test_lambdas_and_partials_of_plain_functions_are_plain.<locals>.<lambda>"
+        )
+        assert second.name == "str.upper"
+
+    async def test_errors_of_plain_functions_are_reported(
+        self, make_runner: MakeRunner, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A plain function's exception: outcome error, logged, on_error called once."""
+        failures: list[ctxkit.TaskFailure] = []
+
+        def fails() -> None:
+            raise LookupError("no such user")
+
+        async with make_runner(on_error=failures.append) as runner:
+            handle = runner.spawn(fails)
+            assert await handle.wait() == "error"
+        assert isinstance(handle.exception, LookupError)
+        assert [f.task for f in failures] == [handle]
+        assert any("no such user" in r.getMessage() for r in caplog.records)
+
+    async def test_a_timeout_cannot_stop_a_thread(
+        self, make_runner: MakeRunner, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """At its timeout a thread task ends "timeout"; the thread finishes later, logged."""
+        release = threading.Event()
+        finished = threading.Event()
+
+        def slow() -> str:
+            release.wait(5)
+            finished.set()
+            return "late"
+
+        async with make_runner() as runner:
+            handle = runner.spawn(slow, timeout=0.05)
+            assert await handle.wait() == "timeout"
+            assert not finished.is_set()  # its thread still runs: nothing can stop it
+            release.set()
+            await anyio.to_thread.run_sync(finished.wait)
+            for _ in range(50):
+                if any(
+                    "finished after the task had ended" in r.getMessage() for r in caplog.records
+                ):
+                    break
+                await anyio.sleep(0.01)
+        assert any("finished after the task had ended" in r.getMessage() for r in caplog.records)
+
+    async def test_shutdown_drains_plain_functions(self, make_runner: MakeRunner) -> None:
+        """Leaving the runner's block waits for thread tasks as for coroutine tasks."""
+        finished: list[str] = []
+
+        def work() -> None:
+            time.sleep(0.05)
+            finished.append("done")
+
+        async with make_runner() as runner:
+            handle = runner.spawn(work)
+        assert finished == ["done"]
+        assert handle.outcome == "ok"
+
+
+class TestBind:
+    """ctxkit.bind(fn) runs fn in a span-less clone made at bind() time."""
+
+    def test_each_call_runs_in_its_own_copy_of_the_clone(
+        self, tracer_provider: TracerProvider
+    ) -> None:
+        """The bound function sees the bind-time vars and trace, in any thread."""
+        tracer = tracer_provider.get_tracer("test")
+
+        def read_and_set() -> tuple[str | None, str | None, str | None]:
+            result = (request_id.get(None), secret.get(None), ctxkit.current_trace_id())
+            request_id.set("changed inside")
+            return result
+
+        def in_a_thread() -> tuple[str | None, str | None, str | None]:
+            with ThreadPoolExecutor(1) as pool:
+                return pool.submit(bound).result()
+
+        context = contextvars.copy_context()
+
+        def setup() -> Any:
+            request_id.set("r-bind")
+            secret.set("session")
+            with tracer.start_as_current_span("request") as span:
+                return hex_trace(span), ctxkit.bind(read_and_set, vars=(request_id,))
+
+        trace_id, bound = context.run(setup)
+        assert bound() == ("r-bind", None, trace_id)
+        assert bound() == ("r-bind", None, trace_id)  # the first call's set() stayed there
+        assert in_a_thread() == ("r-bind", None, trace_id)
+        assert bound.__name__ == "read_and_set"
+
+    def test_without_a_trace_every_call_shares_one_fake_id(self) -> None:
+        """No span at bind(): the clone's fake trace id is the same in every call."""
+        bound = ctxkit.bind(ctxkit.current_trace_id)
+        first = bound()
+        assert first is not None
+        assert bound() == first
+
+    def test_async_functions_are_refused(self) -> None:
+        """bind() of an async function raises TypeError pointing to spawn."""
+        with pytest.raises(TypeError, match="ctxkit.spawn"):
+            ctxkit.bind(observe)
+        with pytest.raises(TypeError, match="callable"):
+            ctxkit.bind(42)  # type: ignore[arg-type]
+
+
+class TestContextExecutor:
+    """ContextExecutor clones at every submit; workers never reuse a job's context."""
+
+    @ASYNCIO_ONLY
+    async def test_run_in_executor_keeps_the_trace_and_vars(self, make_runner: MakeRunner) -> None:
+        """Inside a background task, run_in_executor(ContextExecutor(), fn) sees the task's."""
+        executor = ctxkit.ContextExecutor(vars=(request_id,))
+
+        async def task() -> tuple[Any, ...]:
+            loop = asyncio.get_running_loop()
+            return (ctxkit.current_trace_id(), await loop.run_in_executor(executor, observe_sync))
+
+        request_id.set("r-exec")
+        try:
+            async with make_runner() as runner:
+                handle = runner.spawn(task, vars=(request_id,))
+                assert await handle.wait() == "ok"
+        finally:
+            executor.shutdown()
+        trace_id, (rid, hidden, inner_trace, _) = handle.result()
+        assert (rid, hidden, inner_trace) == ("r-exec", None, trace_id)
+
+    @ASYNCIO_ONLY
+    async def test_as_the_default_executor_for_asyncio_to_thread(self) -> None:
+        """loop.set_default_executor(ContextExecutor()) makes asyncio.to_thread keep the trace."""
+        loop = asyncio.get_running_loop()
+        executor = ctxkit.ContextExecutor(vars=(request_id,))
+        loop.set_default_executor(executor)
+        try:
+            request_id.set("r-default")
+            outer = ctxkit.clone_without_span(request_id)
+
+            async def inside() -> tuple[Any, ...]:
+                return (ctxkit.current_trace_id(), await asyncio.to_thread(observe_sync))
+
+            trace_id, (rid, _, inner_trace, _) = await asyncio.create_task(inside(), context=outer)
+            assert (rid, inner_trace) == ("r-default", trace_id)
+        finally:
+            executor.shutdown()
+
+    async def test_anyio_to_thread_keeps_the_context(self) -> None:
+        """anyio.to_thread.run_sync copies the caller's context (both backends)."""
+        request_id.set("r-anyio")
+        rid, _, trace_id, _ = await anyio.to_thread.run_sync(observe_sync)
+        assert rid == "r-anyio"
+        assert trace_id == ctxkit.current_trace_id()
+
+    def test_no_job_sees_another_jobs_context(self) -> None:
+        """One worker thread, many jobs: each job sees only its submitter's vars."""
+        with ctxkit.ContextExecutor(max_workers=1, vars=(request_id,)) as executor:
+
+            def submit(label: str) -> Any:
+                request_id.set(label)
+                return executor.submit(leaky)
+
+            def leaky() -> tuple[str | None, str | None]:
+                before = secret.get(None)
+                secret.set("left by a job")
+                return request_id.get(None), before
+
+            futures = [contextvars.copy_context().run(submit, f"r{i}") for i in range(20)]
+            results = [future.result() for future in futures]
+        assert results == [(f"r{i}", None) for i in range(20)]
+
+    def test_a_wrapped_executor_is_shut_down_by_its_owner(self) -> None:
+        """ContextExecutor(pool) hands jobs to pool and leaves it running at shutdown."""
+        pool = ThreadPoolExecutor(1)
+        executor = ctxkit.ContextExecutor(pool, vars=(request_id,))
+        request_id.set("r-wrapped")
+        assert executor.submit(request_id.get).result() == "r-wrapped"
+        executor.shutdown()
+        assert pool.submit(lambda: 1).result() == 1  # still running
+        pool.shutdown()
+        with pytest.raises(TypeError, match="Executor"):
+            ctxkit.ContextExecutor("pool")  # type: ignore[arg-type]
+
+
+class TestRunnerThread:
+    """RunnerThread: a runner on its own loop in a thread, for code with no loop."""
+
+    def test_block_spawns_from_plain_threads_and_drains(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """ctxkit.spawn from a plain thread uses it; leaving the block drains and logs."""
+        results: list[str | None] = []
+
+        async def work(label: str) -> None:
+            await asyncio.sleep(0.01)
+            results.append(request_id.get(None))
+
+        def plain_thread(label: str) -> None:
+            request_id.set(label)
+            ctxkit.spawn(work, label, vars=(request_id,))
+
+        with caplog.at_level(logging.INFO, logger="ctxkit"):
+            with ctxkit.RunnerThread(limit=10) as runner:
+                threads = [threading.Thread(target=plain_thread, args=(f"r{i}",)) for i in range(5)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                sync_handle = runner.spawn(observe_sync)
+        assert sorted(results) == [f"r{i}" for i in range(5)]  # type: ignore[type-var]
+        assert sync_handle.outcome == "ok"
+        stats = runner.statistics()
+        assert_identity(stats)
+        assert (stats.spawned, stats.ok) == (6, 6)
+        assert runner.closed
+        assert any("every task finished" in r.getMessage() for r in caplog.records)
+
+    def test_start_and_stop(self) -> None:
+        """start() returns the open runner; stop() drains it and joins the thread."""
+        runner_thread = ctxkit.RunnerThread(drain_timeout=5)
+        runner = runner_thread.start()
+        assert runner.accepting
+        handle = runner.spawn(asyncio.sleep, 0.05)
+        runner_thread.stop()
+        assert handle.outcome == "ok"
+        assert runner.closed
+        runner_thread.stop()  # twice: nothing more
+        with pytest.raises(RuntimeError, match="started already"):
+            runner_thread.start()
+
+    def test_bad_options_raise_at_once(self) -> None:
+        """The options are BackgroundRunner's, checked when the RunnerThread is made."""
+        with pytest.raises(ValueError, match="limit"):
+            ctxkit.RunnerThread(limit=0)
+
+    def test_an_unstopped_runner_thread_is_drained_at_exit(self, tmp_path: Any) -> None:
+        """A process that never stops its RunnerThread still drains it at interpreter exit."""
+        script = tmp_path / "app.py"
+        script.write_text(
+            textwrap.dedent(
+                """
+                import asyncio, logging, ctxkit
+                logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+                async def work():
+                    await asyncio.sleep(0.2)
+                    print("work finished", flush=True)
+
+                runner = ctxkit.RunnerThread().start()
+                ctxkit.spawn(work)
+                print("main done", flush=True)
+                """
+            )
+        )
+        result = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
+        )
+        assert result.stdout.splitlines() == ["main done", "work finished"]
+        assert "every task finished" in result.stderr
+
+
+def test_spawn_from_a_thread_into_a_trio_runner() -> None:
+    """A trio runner takes spawns from other threads too (the run's token hands them over)."""
+    results: list[str | None] = []
+
+    async def main() -> None:
+        async with ctxkit.BackgroundRunner() as runner:
+
+            def handler() -> None:
+                request_id.set("r-trio")
+                runner.spawn(observe, vars=(request_id,))
+
+            await anyio.to_thread.run_sync(handler)
+            await runner.drain(5)
+            results.extend(str(x) for x in [runner.statistics().ok])
+
+    anyio.run(main, backend="trio")
+    assert results == ["1"]
