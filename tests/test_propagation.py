@@ -716,7 +716,13 @@ class TestConsume:
         assert otel_context.get_current() is before
         [process] = [s for s in span_exporter.get_finished_spans() if s.name == "process emails"]
         assert process.kind is SpanKind.CONSUMER
-        assert dict(process.attributes or {}) == {
+        attributes = dict(process.attributes or {})
+        linked = attributes.pop("ctxkit.linked_trace_id", None)
+        send_trace = f"{send.get_span_context().trace_id:032x}"
+        assert linked == (send_trace if propagation_mode == "link" else None)
+        assert attributes == {
+            "messaging.operation.name": "process",
+            "ctxkit.attempt": 1,
             "messaging.operation.type": "process",
             "messaging.destination.name": "emails",
             "messaging.system": "taskiq",
@@ -829,6 +835,8 @@ class TestConsume:
             pass
         [process] = span_exporter.get_finished_spans()
         assert dict(process.attributes or {}) == {
+            "messaging.operation.name": "process",
+            "ctxkit.attempt": 1,
             "messaging.operation.type": "process",
             "messaging.destination.name": "q",
             "ctxkit.async": True,
