@@ -223,9 +223,8 @@ def _values(carrier: CarrierT, name: str, getter: Getter[CarrierT]) -> list[obje
         )
         for key in keys:
             plain = _plain(key)
-            if isinstance(key, str) and isinstance(plain, str) and plain.lower() == name:
-                if plain != name:
-                    values.extend(_read(carrier, key, getter))
+            if isinstance(key, str) and isinstance(plain, str) and plain.lower() == name != plain:
+                values.extend(_read(carrier, key, getter))
     return values
 
 

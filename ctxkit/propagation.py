@@ -601,14 +601,18 @@ class ConsumeScope:
         span.end()
         return True
 
-    def abandon(self, exc: BaseException | None = None) -> None:
+    def abandon(self, exc: BaseException | None = None, *, reason: str | None = None) -> None:
         """End the span of a scope that can no longer be left, without restoring anything.
 
         For integrations whose engine skipped the hook that leaves the scope (a failing
-        neighbour): the span ends, with ERROR when ``exc`` is given, and what the entry set
-        stays set in the context it was entered in (which the engine has abandoned). Leaving
-        or abandoning a scope whose span has ended does nothing.
+        neighbour): the span ends with ERROR -- recording ``exc`` when given, else with
+        ``reason`` as the status description and ``error.type = "_OTHER"`` -- and what the
+        entry set stays set in the context it was entered in (which the engine has
+        abandoned). Leaving or abandoning a scope whose span has ended does nothing.
         """
+        if exc is None and not self._ended and self._entered:
+            self._span.set_status(Status(StatusCode.ERROR, reason or "abandoned"))
+            self._span.set_attribute("error.type", "_OTHER")
         self._end_span(exc)
 
     @property

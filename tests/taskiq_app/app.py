@@ -21,10 +21,11 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import redis.asyncio
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
-from taskiq import TaskiqEvents, TaskiqState
+from taskiq import SimpleRetryMiddleware, TaskiqEvents, TaskiqState
 from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
 
 import ctxkit
@@ -100,7 +101,8 @@ broker = (
     .with_middlewares(
         CtxkitMiddleware(
             vars=(request_id, tenant), propagation=_propagation(), tracer_provider=provider
-        )
+        ),
+        SimpleRetryMiddleware(default_retry_count=5),
     )
 )
 
@@ -142,3 +144,16 @@ def observe_sync() -> dict[str, object]:
 async def fail() -> None:
     """Raise, so that the consumer span is marked ERROR; the worker must carry on."""
     raise RuntimeError(f"task failed for {request_id.get('?')}")
+
+
+@broker.task(task_name="flaky")
+async def flaky(key: str) -> dict[str, object]:
+    """Fail on the first two runs for ``key`` (counted in Redis), then return what it sees."""
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        runs = await client.incr(key)
+    finally:
+        await client.aclose()
+    if runs < 3:
+        raise RuntimeError(f"run {runs} of {key} failed")
+    return _observe()
