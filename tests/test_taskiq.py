@@ -11,22 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import contextvars
 import gc
 import json
 import logging
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
@@ -54,8 +48,13 @@ import ctxkit
 from ctxkit import propagation
 from ctxkit.contrib.taskiq import CtxkitMiddleware, _attempt
 
+from ._servers import REPO, TIMEOUT, redis_url, stop
+
+__all__ = ["redis_url"]  # a fixture, used by name
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
+    from pathlib import Path
 
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -66,8 +65,6 @@ if TYPE_CHECKING:
 Mode = Literal["child", "link", "none"]
 MODES: tuple[Mode, ...] = ("child", "link", "none")
 
-REPO = Path(__file__).resolve().parent.parent
-TIMEOUT = 20.0  # seconds, for anything that waits on Redis or the worker
 
 # Same names as in tests/taskiq_app/app.py: names, not objects, identify vars across processes.
 request_id: ContextVar[str] = ContextVar("request_id")
@@ -734,91 +731,6 @@ def hex_span_id_of(span: trace.Span) -> int:
 # --- a real worker on a real Redis ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _redis_binary() -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        subprocess.run(
-            ["bash", str(REPO / "scripts" / "ensure-redis.sh")], check=False, timeout=900
-        )
-        binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail(
-            "redis-server is not on PATH and scripts/ensure-redis.sh could not install it; "
-            "run that script as root or install Debian's redis-server"
-        )
-    return binary
-
-
-def _stop(*processes: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """Stop processes started with start_new_session=True, and whatever they started.
-
-    Each process's session (its group id is its pid) gets SIGTERM at once, so all shut down
-    in parallel; a group still there once its leader exited, or after ``timeout``, gets SIGKILL.
-    Only the sessions this module started are signalled.
-    """
-    for process in processes:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for process in processes:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=5)
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = _redis_binary()
-    directory = tmp_path_factory.mktemp("redis")
-    port = _free_port()
-    log = directory / "redis.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--dir",
-                str(directory),
-                "--appendonly",
-                "no",
-            ],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"redis-server exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"redis-server did not answer in {TIMEOUT}s:\n{log.read_text()}")
-                time.sleep(0.02)  # polling another process's socket, not synchronising tasks
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        _stop(process)
-
-
 @dataclass
 class Worker:
     mode: Mode
@@ -887,7 +799,7 @@ def workers(
             started[mode] = Worker(mode, queue, directory, process)
         yield started
     finally:
-        _stop(*(worker.process for worker in started.values()))
+        stop(*(worker.process for worker in started.values()))
 
 
 @pytest_asyncio.fixture
