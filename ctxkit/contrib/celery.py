@@ -342,6 +342,11 @@ def _publish(
     task_name = str(headers.get("task") or args[1])
     task_id = headers.get("id")
     message_id = task_id if isinstance(task_id, str) else None
+    extra = options.get("headers")
+    if isinstance(extra, dict) and not config.keys.isdisjoint(extra):
+        # Celery merges these over the message headers when it publishes; a retry passes the
+        # request's own, whose ctxkit keys describe the previous attempt: leave them out.
+        options = {**options, "headers": {k: v for k, v in extra.items() if k not in config.keys}}
     context = _source_context(config)
     attributes: dict[str, Any] = {
         "messaging.system": _SYSTEM,

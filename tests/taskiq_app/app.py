@@ -14,25 +14,21 @@ sent by the producer must never be restored here.
 
 from __future__ import annotations
 
-import json
 import os
-import threading
 from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import redis.asyncio
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from taskiq import SimpleRetryMiddleware, TaskiqEvents, TaskiqState
 from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
 
 import ctxkit
 from ctxkit.contrib.taskiq import CtxkitMiddleware
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
+from tests._spans import JsonlSpanExporter
 
 request_id: ContextVar[str] = ContextVar("request_id")
 tenant: ContextVar[object] = ContextVar("tenant")
@@ -50,47 +46,6 @@ def _propagation() -> Literal["child", "link", "none"]:
     if value == "none":
         return "none"
     return "child"
-
-
-def span_to_json(span: ReadableSpan) -> dict[str, object]:
-    """Return the parts of a finished span the tests check, as JSON-ready values."""
-    context = span.get_span_context()
-    assert context is not None
-    return {
-        "name": span.name,
-        "kind": span.kind.name,
-        "trace_id": f"{context.trace_id:032x}",
-        "span_id": f"{context.span_id:016x}",
-        "parent_span_id": None if span.parent is None else f"{span.parent.span_id:016x}",
-        "parent_trace_id": None if span.parent is None else f"{span.parent.trace_id:032x}",
-        "links": [
-            {"trace_id": f"{link.context.trace_id:032x}", "span_id": f"{link.context.span_id:016x}"}
-            for link in span.links
-        ],
-        "status": span.status.status_code.name,
-        "attributes": {key: _jsonable(value) for key, value in (span.attributes or {}).items()},
-        "events": [event.name for event in span.events],
-    }
-
-
-def _jsonable(value: object) -> object:
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-class JsonlSpanExporter(SpanExporter):
-    """Append each finished span as one JSON line to a file (flushed at once)."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._lock = threading.Lock()
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = "".join(json.dumps(span_to_json(span)) + "\n" for span in spans)
-        with self._lock, self._path.open("a", encoding="utf-8") as file:
-            file.write(lines)
-        return SpanExportResult.SUCCESS
 
 
 provider = TracerProvider()
