@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,15 +19,19 @@ import time
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
 from celery import Celery, Task, chain
+from celery.app.trace import build_tracer
+from celery.exceptions import Ignore
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
 import ctxkit
 from ctxkit import propagation
+from ctxkit.contrib import celery as celery_contrib
 from ctxkit.contrib.celery import instrument
 
 from ._servers import REPO, TIMEOUT, redis_url, stop
@@ -546,3 +551,217 @@ class TestEager:
             instrument(eager, retries="never")  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="ContextVar"):
             instrument(eager, vars=("request_id",))  # type: ignore[arg-type]
+
+
+# --- the worker's path, in this process: Celery's own tracer on the in-memory broker ---------
+
+
+@dataclass
+class InProcess:
+    app: Celery
+    seen: list[dict[str, object]]
+    worker: contextvars.Context
+
+    def run_next(self) -> Any:
+        """Take the next message off the queue and run it as a worker does, in the worker's
+        own context; return what the tracer returns."""
+        with self.app.connection_for_write() as connection:
+            queue = connection.SimpleQueue("inproc")
+            message = queue.get(timeout=TIMEOUT)
+            args, kwargs, embed = message.decode()
+            request = {**message.headers, **embed, "delivery_info": message.delivery_info}
+            task = self.app.tasks[message.headers["task"]]
+            tracer = build_tracer(task.name, task, app=self.app, eager=False)
+            result = self.worker.run(tracer, message.headers["id"], args, kwargs, request)
+            message.ack()
+            queue.close()
+        return result
+
+
+@pytest.fixture
+def inproc(tracer_provider: TracerProvider) -> Iterator[InProcess]:
+    app = Celery("inproc", broker="memory://", set_as_current=False)
+    app.conf.update(task_default_queue="inproc", task_ignore_result=True)
+    seen: list[dict[str, object]] = []
+
+    def observation() -> dict[str, object]:
+        span = trace.get_current_span()
+        return {"request_id": request_id.get(None), "span": span.get_span_context()}
+
+    @app.task(name="inproc.observe", shared=False)
+    def observe() -> None:
+        seen.append(observation())
+
+    @app.task(name="inproc.flaky", shared=False, bind=True, max_retries=5)
+    def flaky(self: Any) -> None:
+        seen.append(observation())
+        if len(seen) < 3:
+            raise self.retry(countdown=0)
+
+    @app.task(name="inproc.step", shared=False)
+    def step(previous: object = None) -> int:
+        seen.append(observation())
+        return len(seen)
+
+    @app.task(name="inproc.ignore", shared=False)
+    def ignore() -> None:
+        raise Ignore
+
+    instrument(app, vars=(request_id,), tracer_provider=tracer_provider)
+    try:
+        yield InProcess(app, seen, contextvars.Context())
+    finally:
+        app.close()
+
+
+def spans_named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
+    return [s for s in exporter.get_finished_spans() if s.name == name]
+
+
+class TestInProcessWorker:
+    def test_vars_for_the_task_only(
+        self,
+        inproc: InProcess,
+        tracer_provider: TracerProvider,
+        span_exporter: InMemorySpanExporter,
+    ) -> None:
+        """The task sees the producer's var and runs in a child of the send span; the
+        worker's context has no var afterwards."""
+        with tracer_provider.get_tracer("test").start_as_current_span("request"):
+            request_id.set("r-in")
+            inproc.app.send_task("inproc.observe")
+        inproc.run_next()
+        [seen] = inproc.seen
+        assert seen["request_id"] == "r-in"
+        [send] = spans_named(span_exporter, "send inproc.observe")
+        [process] = spans_named(span_exporter, "process inproc.observe")
+        assert process.parent is not None
+        assert process.parent.span_id == int(hex_span(send), 16)
+        assert seen["span"] == process.context
+        assert inproc.worker.run(request_id.get, None) is None
+        assert inproc.worker.run(trace.get_current_span) is trace.INVALID_SPAN
+
+    def test_retries_link(
+        self,
+        inproc: InProcess,
+        tracer_provider: TracerProvider,
+        span_exporter: InMemorySpanExporter,
+    ) -> None:
+        """self.retry() publishes the next attempt from inside the task: attempts 2 and 3
+        are new traces linked to the first send span and to the attempt before."""
+        with tracer_provider.get_tracer("test").start_as_current_span("request"):
+            request_id.set("r-in")
+            inproc.app.send_task("inproc.flaky")
+        for _ in range(3):
+            inproc.run_next()
+        assert [s["request_id"] for s in inproc.seen] == ["r-in"] * 3
+        processes = {
+            p.context.span_id
+            for p in spans_named(span_exporter, "process inproc.flaky")
+            if p.context
+        }
+        [first_send] = [
+            s
+            for s in spans_named(span_exporter, "send inproc.flaky")
+            if s.parent is not None and s.parent.span_id not in processes
+        ]
+        attempts = sorted(
+            spans_named(span_exporter, "process inproc.flaky"),
+            key=lambda s: int(str((s.attributes or {})["ctxkit.attempt"])),
+        )
+        assert [(s.attributes or {})["ctxkit.attempt"] for s in attempts] == [1, 2, 3]
+        assert [s.status.status_code for s in attempts] == [
+            StatusCode.ERROR,
+            StatusCode.ERROR,
+            StatusCode.UNSET,
+        ]
+        for attempt, previous in zip(attempts[1:], attempts[:2], strict=True):
+            assert attempt.parent is None
+            assert previous.context is not None
+            assert [link.context.span_id for link in attempt.links] == [
+                int(hex_span(first_send), 16),
+                previous.context.span_id,
+            ]
+
+    def test_chain_follow_up_carries_the_request(
+        self,
+        inproc: InProcess,
+        tracer_provider: TracerProvider,
+        span_exporter: InMemorySpanExporter,
+    ) -> None:
+        """The chain's second task, published by the tracer after the first returned, carries
+        the request's var and trace, not the worker's empty context."""
+        with tracer_provider.get_tracer("test").start_as_current_span("request") as request:
+            request_id.set("r-chain")
+            chain(
+                inproc.app.signature("inproc.step"), inproc.app.signature("inproc.step")
+            ).apply_async()
+        inproc.run_next()
+        inproc.run_next()
+        assert [s["request_id"] for s in inproc.seen] == ["r-chain", "r-chain"]
+        trace_id = request.get_span_context().trace_id
+        for process in spans_named(span_exporter, "process inproc.step"):
+            assert process.context is not None
+            assert process.context.trace_id == trace_id
+        assert len(spans_named(span_exporter, "send inproc.step")) == 2
+
+    def test_ignore_is_not_an_error(
+        self, inproc: InProcess, span_exporter: InMemorySpanExporter
+    ) -> None:
+        """A task that raises Ignore leaves its span UNSET."""
+        inproc.app.send_task("inproc.ignore")
+        inproc.run_next()
+        [process] = spans_named(span_exporter, "process inproc.ignore")
+        assert process.status.status_code is StatusCode.UNSET
+
+    def test_clashing_registration_is_logged_and_the_task_runs(
+        self, inproc: InProcess, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A var registered after instrument() with the name of a carried one: the task runs
+        without the context and the error is logged."""
+        request_id.set("r-x")
+        inproc.app.send_task("inproc.observe")
+        ctxkit.register(ContextVar("request_id"))
+        with caplog.at_level(logging.ERROR, logger="ctxkit"):
+            inproc.run_next()
+        assert "could not restore" in caplog.text
+        assert inproc.seen[0]["request_id"] is None
+
+    def test_publish_failure_ends_the_send_span(
+        self,
+        inproc: InProcess,
+        span_exporter: InMemorySpanExporter,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A publish that raises ends the send span with ERROR and the exception."""
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise ConnectionRefusedError("broker down")
+
+        monkeypatch.setattr("kombu.messaging.Producer.publish", refuse)
+        with pytest.raises(ConnectionRefusedError):
+            inproc.app.send_task("inproc.observe")
+        [send] = spans_named(span_exporter, "send inproc.observe")
+        assert send.status.status_code is StatusCode.ERROR
+        assert (send.attributes or {})["error.type"] == "ConnectionRefusedError"
+
+    def test_uninstrumented_app_of_a_wrapped_task(
+        self, inproc: InProcess, span_exporter: InMemorySpanExporter
+    ) -> None:
+        """A wrapped task whose app lost its options runs as plain Celery would: no span."""
+        task = inproc.app.tasks["inproc.observe"]
+        del celery_contrib._configs[inproc.app]
+        try:
+            task()
+            assert len(inproc.seen) == 1
+            assert span_exporter.get_finished_spans() == ()
+        finally:
+            instrument(inproc.app, vars=(request_id,))
+
+    def test_helpers(self) -> None:
+        """Headers nested under request.headers are read too; a junk retry count is attempt 1."""
+        request = SimpleNamespace(headers={"traceparent": "x"}, retries="junk")
+        assert celery_contrib._carrier(request, frozenset({"traceparent", "ctxkit-vars"})) == {
+            "traceparent": "x"
+        }
+        assert celery_contrib._attempt(request) == 1
