@@ -37,7 +37,7 @@ from ctxkit.contrib.celery import instrument
 from ._servers import REPO, TIMEOUT, redis_url, stop
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -192,6 +192,16 @@ def result_of(worker: Worker, result: Any, *, propagate: bool = True) -> Any:
         raise AssertionError(f"no result from the worker (alive={alive}):\n{worker.log}") from exc
 
 
+def eventually(find: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Return what ``find`` finds in the worker's output once it finds anything (or [])."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        found = find()
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)  # polling another process's output, not synchronising tasks
+
+
 def sends(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
     return [s for s in exporter.get_finished_spans() if s.name == name]
 
@@ -341,7 +351,9 @@ class TestWorker:
         assert process["status"] == "ERROR"
         assert process["attributes"]["error.type"] == "RuntimeError"
         assert "exception" in process["events"]
-        assert {"task_id": failing.id, "exception": "RuntimeError"} in worker.failures()
+        # Celery sends task_failure after it stored the failure: poll the worker's file.
+        failures = eventually(lambda: [f for f in worker.failures() if f["task_id"] == failing.id])
+        assert failures == [{"task_id": failing.id, "exception": "RuntimeError"}]
         assert result_of(worker, producer.send_task("observe"))["request_id"] == "r-fail"
 
     def test_no_var_leaks_into_the_next_task(self, worker: Worker, producer: Celery) -> None:
@@ -438,12 +450,9 @@ class TestWorker:
         assert seen["request_id"] == "r-otel"
         request_trace = f"{request.get_span_context().trace_id:032x}"
         # Its span ends in task_postrun, after the result is stored: poll the worker's file.
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            run = [s for s in worker.spans("run/observe") if s["trace_id"] == request_trace]
-            if run or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)  # polling another process's output, not synchronising tasks
+        run = eventually(
+            lambda: [s for s in worker.spans("run/observe") if s["trace_id"] == request_trace]
+        )
         ours = [s for s in worker.spans("process observe") if s["trace_id"] == request_trace]
         assert len(run) == 1, worker.spans()
         assert len(ours) == 1

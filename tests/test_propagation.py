@@ -1242,3 +1242,22 @@ class TestStrSubclasses:
         extract({Hostile("TraceParent"): TRACEPARENT})
         ctx = extract({"traceparent": [Hostile(TRACEPARENT)], "tracestate": (Hostile("a=b"),)})
         assert ctx.run(ctxkit.current_trace_id) == TRACE_HEX
+
+
+class TestStartSpanLinks:
+    def test_extra_links_in_child_and_link_modes(
+        self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
+    ) -> None:
+        """start_span adds valid extra links in every mode, each span context once, after
+        the link of "link" mode; invalid ones are left out."""
+        from ctxkit._trace import get_tracer, start_span
+
+        tracer = get_tracer(tracer_provider)
+        source = trace.set_span_in_context(NonRecordingSpan(REMOTE))
+        other = SpanContext(trace_id=5, span_id=6, is_remote=True)
+        start_span(tracer, "c", source, "child", links=(other, trace.INVALID_SPAN_CONTEXT)).end()
+        start_span(tracer, "l", source, "link", links=(REMOTE, other)).end()
+        child, linked = span_exporter.get_finished_spans()
+        assert child.parent is not None
+        assert [span_hex(link.context) for link in child.links] == [(5, 6)]
+        assert [span_hex(link.context) for link in linked.links] == [span_hex(REMOTE), (5, 6)]
