@@ -774,3 +774,22 @@ class TestInProcessWorker:
             "traceparent": "x"
         }
         assert celery_contrib._attempt(request) == 1
+
+
+def test_instrument_before_the_configuration(tracer_provider: TracerProvider) -> None:
+    """instrument() may come before the app is configured: the sender Celery makes later
+    reads the final configuration (here, the default queue) and is instrumented."""
+    app = Celery("late", broker="memory://", set_as_current=False)
+    instrument(app, vars=(request_id,), tracer_provider=tracer_provider)
+    app.conf.update(task_default_queue="late-queue")
+    try:
+        request_id.set("r-late")
+        app.send_task("late.task")
+        with app.connection_for_write() as connection:
+            queue = connection.SimpleQueue("late-queue")
+            message = queue.get(timeout=TIMEOUT)
+            assert json.loads(message.headers["ctxkit-vars"]) == {"request_id": "r-late"}
+            message.ack()
+            queue.close()
+    finally:
+        app.close()

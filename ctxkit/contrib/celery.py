@@ -12,6 +12,7 @@ The carrier is the message's headers; its format is ``ctxkit.propagation``'s.
 from __future__ import annotations
 
 import contextvars
+import functools
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -315,12 +316,35 @@ def _carrier(request: Any, keys: frozenset[str]) -> dict[str, object]:
 
 
 def _instrument_sender(app: Celery) -> None:
-    """Make ``app``'s message sender publish inside a send span and inject the context."""
+    """Make ``app``'s message sender publish inside a send span and inject the context.
+
+    Celery makes the sender (``app.amqp.send_task_message``, a cached property) from the
+    configuration the first time it is used. The app's AMQP object gets a subclass whose
+    property wraps the sender it makes, so the configuration is read as late as Celery reads
+    it, and a sender remade after a configuration change is wrapped too.
+    """
     amqp = app.amqp
-    send = amqp.send_task_message
-    if getattr(send, _WRAPPED, False):
+    cls = type(amqp)
+    if getattr(cls, _WRAPPED, False):
         return
 
+    def send_task_message(self: Any) -> Callable[..., Any]:
+        return _wrapped_sender(self.app, self._create_task_sender())
+
+    amqp.__class__ = type(
+        cls.__name__,
+        (cls,),
+        {
+            "send_task_message": functools.cached_property(send_task_message),
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            _WRAPPED: True,
+        },
+    )
+    amqp.__dict__.pop("send_task_message", None)  # made already: make it again, wrapped
+
+
+def _wrapped_sender(app: Celery, send: Callable[..., Any]) -> Callable[..., Any]:
     def send_task_message(producer: object, name: str, message: Any, **options: Any) -> Any:
         config = _configs.get(app)
         headers = getattr(message, "headers", None)
@@ -328,8 +352,7 @@ def _instrument_sender(app: Celery) -> None:
             return send(producer, name, message, **options)
         return _publish(config, send, headers, (producer, name, message), options)
 
-    setattr(send_task_message, _WRAPPED, True)
-    amqp.send_task_message = send_task_message
+    return send_task_message
 
 
 def _publish(
