@@ -116,11 +116,12 @@ _active: ContextVar[tuple[tuple[str, _Execution], ...]] = ContextVar(
 class _Execution:
     """One task execution between ``pre_execute`` and ``post_execute``."""
 
-    __slots__ = ("error", "scope")
+    __slots__ = ("error", "scope", "task")
 
     def __init__(self, scope: ConsumeScope) -> None:
         self.scope = scope
         self.error: BaseException | None = None  # what on_error saw, before a retry hid it
+        self.task: asyncio.Task[Any] | None = None  # watched in case post_execute is skipped
 
     def abandoned(self, task: asyncio.Task[Any]) -> None:
         """End the span with ERROR if the task finished without ``post_execute``."""
@@ -317,6 +318,7 @@ class CtxkitMiddleware(TaskiqMiddleware):
             task = None
         if task is not None:
             task.add_done_callback(execution.abandoned)
+            execution.task = task
         return message
 
     def on_error(
@@ -339,6 +341,9 @@ class CtxkitMiddleware(TaskiqMiddleware):
             return
         execution = active[index][1]
         _active.set(active[:index] + active[index + 1 :])
+        if execution.task is not None:  # an in-place broker's task may run many messages
+            execution.task.remove_done_callback(execution.abandoned)
+            execution.task = None
         error = execution.error
         if error is None and result.is_err and not isinstance(result.error, NoResultError):
             error = result.error
