@@ -929,6 +929,23 @@ json_values = st.recursive(
 )
 
 
+class Hostile(str):
+    """A str subclass from in-process code whose every method the parsers might call raises."""
+
+    __slots__ = ()
+
+    def _boom(self, *args: object, **kwargs: object) -> Any:
+        raise RuntimeError("hostile str")
+
+    strip = lstrip = rstrip = lower = upper = split = partition = encode = _boom
+    isascii = startswith = endswith = find = replace = join = _boom
+    __len__ = __iter__ = __getitem__ = __contains__ = _boom
+    __eq__ = __ne__ = __lt__ = __add__ = __radd__ = __mod__ = __str__ = __format__ = _boom
+
+    def __hash__(self) -> int:
+        return str.__hash__(self)
+
+
 def mostly(likely: st.SearchStrategy[Any], other: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     """Draw from ``likely`` about three times in four, else from ``other``."""
     return st.integers(0, 3).flatmap(lambda n: likely if n else other)
@@ -960,7 +977,13 @@ strings = (
     | hexes
     | st.text("abc=%;, \t", max_size=30)
 )
-values = strings | json_values | st.binary(max_size=20) | st.lists(strings, max_size=3)
+values = (
+    strings
+    | strings.map(Hostile)
+    | json_values
+    | st.binary(max_size=20)
+    | st.lists(strings, max_size=3)
+)
 # Mostly mappings with ctxkit's keys holding near-valid values, plus any other shape at all.
 ctxkit_carriers = st.fixed_dictionaries(
     {},
@@ -996,7 +1019,7 @@ def test_extract_never_raises_and_restores_only_allowed_vars(
     for var in ALLOWED:
         if var in ctx:
             assert isinstance(carrier, dict)
-            assert ctx[var] == json.loads(carrier["ctxkit-vars"])[var.name]
+            assert ctx[var] == json.loads(str.__str__(carrier["ctxkit-vars"]))[var.name]
     assert isinstance(ctx.run(ctxkit.current_trace_id), str)
 
 
@@ -1200,23 +1223,6 @@ class TestInheritedFakeTraceId:
             {"ctxkit-trace-id": "ab" * 16}, "q", propagation="link", tracer_provider=tracer_provider
         ) as span:
             assert ctxkit.current_trace_id() == f"{span.get_span_context().trace_id:032x}"
-
-
-class Hostile(str):
-    """A str subclass from in-process code whose every method the parsers might call raises."""
-
-    __slots__ = ()
-
-    def _boom(self, *args: object, **kwargs: object) -> Any:
-        raise RuntimeError("hostile str")
-
-    strip = lstrip = rstrip = lower = upper = split = partition = encode = _boom
-    isascii = startswith = endswith = find = replace = join = _boom
-    __len__ = __iter__ = __getitem__ = __contains__ = _boom
-    __eq__ = __ne__ = __lt__ = __add__ = __radd__ = __mod__ = __str__ = __format__ = _boom
-
-    def __hash__(self) -> int:
-        return str.__hash__(self)
 
 
 class TestStrSubclasses:
