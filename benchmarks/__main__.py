@@ -28,6 +28,7 @@ CASES: dict[str, tuple[str, str]] = {
     "5": ("case_memory", "memory per pending task"),
     "6": ("case_scaling", "cost per task from 1e3 to 1e6 tasks; drain and cancel at shutdown"),
     "7": ("case_trio", "spawn on trio vs nursery.start_soon and anyio"),
+    "8": ("case_celery", "Celery per-job overhead vs opentelemetry-instrumentation-celery"),
 }
 
 _PACKAGES = (
@@ -35,6 +36,8 @@ _PACKAGES = (
     "opentelemetry-api",
     "opentelemetry-sdk",
     "opentelemetry-instrumentation-asyncio",
+    "opentelemetry-instrumentation-celery",
+    "celery",
     "aiojobs",
     "anyio",
     "trio",

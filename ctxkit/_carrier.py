@@ -25,7 +25,7 @@ from opentelemetry import metrics, trace
 from ._logging import logger
 from ._trace import EMPTY_OTEL_CONTEXT
 from ._version import __version__
-from ._w3c import W3CTraceContextPropagator
+from ._w3c import W3CTraceContextPropagator, format_traceparent, parse_traceparent
 
 if TYPE_CHECKING:
     from contextvars import ContextVar
@@ -38,6 +38,11 @@ VARS: Final = "ctxkit-vars"
 TRACE_ID: Final = "ctxkit-trace-id"
 #: Carrier key of W3C Baggage, read and written only with ``baggage=True``.
 BAGGAGE: Final = "baggage"
+#: Carrier key of a retried job's first producer span (a ``traceparent`` value), written only
+#: when a job being consumed publishes its own next attempt.
+PRODUCER: Final = "ctxkit-producer"
+#: Carrier key of the previous attempt's span (a ``traceparent`` value), written with PRODUCER.
+PREVIOUS: Final = "ctxkit-previous"
 #: Default limit, in bytes, of the ``ctxkit-vars`` value (``max_vars_size=``).
 MAX_VARS_SIZE: Final = 4096
 #: Most ContextVars one ``ctxkit-vars`` object may hold.
@@ -76,6 +81,8 @@ _VARS_NOT_OBJECT: Final = "vars.not_object"
 _VARS_TOO_MANY: Final = "vars.too_many"
 _VARS_DUPLICATE: Final = "vars.duplicate_name"
 _TRACE_ID_INVALID: Final = "trace_id.invalid"
+_PRODUCER_INVALID: Final = "producer.invalid"
+_PREVIOUS_INVALID: Final = "previous.invalid"
 _BAGGAGE_NOT_STRING: Final = "baggage.not_string"
 _BAGGAGE_TOO_LARGE: Final = "baggage.too_large"
 _BAGGAGE_TOO_MANY: Final = "baggage.too_many_members"
@@ -137,7 +144,11 @@ def _report(reasons: list[str], provider: metrics.MeterProvider | None) -> None:
 def _owned_keys(propagator: TextMapPropagator | None, baggage: bool) -> frozenset[str]:
     """Return the carrier keys that ``inject`` owns with these options (for integrations)."""
     trace_keys = _W3C.fields if propagator is None else propagator.fields
-    extra = (VARS, TRACE_ID, BAGGAGE) if baggage else (VARS, TRACE_ID)
+    extra = (
+        (VARS, TRACE_ID, PRODUCER, PREVIOUS, BAGGAGE)
+        if baggage
+        else (VARS, TRACE_ID, PRODUCER, PREVIOUS)
+    )
     return frozenset((*trace_keys, *extra))
 
 
@@ -150,8 +161,13 @@ def _encode(
     propagator: TextMapPropagator | None,
     max_vars_size: int,
     meter_provider: metrics.MeterProvider | None,
+    retry: tuple[trace.SpanContext | None, trace.SpanContext] | None = None,
 ) -> dict[str, str]:
-    """Return what ``inject`` writes for these values and this context; count dropped baggage."""
+    """Return what ``inject`` writes for these values and this context; count dropped baggage.
+
+    ``retry`` is ``(first producer span, this attempt's span)`` when the carrier is the next
+    attempt of the job being consumed.
+    """
     written: dict[str, str] = {}
     span = trace.get_current_span(otel)
     # The propagator sees the span alone: baggage travels only through baggage=True.
@@ -160,6 +176,11 @@ def _encode(
     )
     if not span.get_span_context().is_valid and fake is not None:
         written[TRACE_ID] = fake
+    if retry is not None:
+        producer, previous = retry
+        if producer is not None:
+            written[PRODUCER] = format_traceparent(producer)
+        written[PREVIOUS] = format_traceparent(previous)
     encoded = _encode_vars(selected, values, max_vars_size)
     if encoded is not None:
         written[VARS] = encoded
@@ -231,6 +252,8 @@ class _Parsed(NamedTuple):
     remote: trace.SpanContext | None  # the valid remote span context, if any
     baggage: dict[str, str] | None
     fake: str | None  # the carrier's valid fake trace id
+    producer: trace.SpanContext | None = None  # a retry's first producer span
+    previous: trace.SpanContext | None = None  # a retry's previous attempt
 
 
 _NOTHING: Final = _Parsed([], None, None, None)
@@ -242,9 +265,30 @@ class _Unreadable(Exception):
 
 def _get(carrier: Mapping[str, object], key: str) -> object:
     try:
-        return carrier.get(key)
+        value = carrier.get(key)
     except Exception as exc:  # a mapping's get must not break the worker
         raise _Unreadable from exc
+    return plain_str(value)
+
+
+def plain_str(value: object) -> object:
+    """Return a ``str`` subclass instance as a plain ``str``; any other value unchanged.
+
+    A subclass can override every method the parsers call (``strip``, ``__len__``, ``__eq__``);
+    ``str.__str__`` copies the characters without calling any of them.
+    """
+    if isinstance(value, str) and type(value) is not str:
+        return str.__str__(value)
+    return value
+
+
+def _span_context(raw: object, reason: str, reasons: list[str]) -> trace.SpanContext | None:
+    if raw is None:
+        return None
+    span_context, _ = parse_traceparent(raw)
+    if span_context is None:
+        reasons.append(reason)
+    return span_context
 
 
 def _read(
@@ -301,10 +345,12 @@ def _parse(
             raw = _get(carrier, BAGGAGE)
             if raw is not None:
                 entries = _decode_baggage(raw, reasons)
+        producer = _span_context(_get(carrier, PRODUCER), _PRODUCER_INVALID, reasons)
+        previous = _span_context(_get(carrier, PREVIOUS), _PREVIOUS_INVALID, reasons)
     except _Unreadable:
         reasons.append(_UNREADABLE)
         return _NOTHING
-    return _Parsed(values, remote, entries, fake)
+    return _Parsed(values, remote, entries, fake, producer, previous)
 
 
 def _parse_trace(

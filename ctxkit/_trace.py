@@ -28,16 +28,23 @@ if TYPE_CHECKING:
 __all__ = [
     "EMPTY_OTEL_CONTEXT",
     "PROPAGATIONS",
+    "RETRIES",
     "Propagation",
+    "Retries",
     "current_trace_id",
     "detached_otel_context",
     "get_tracer",
+    "hex_trace_id",
+    "inherited_trace_id_var",
     "new_fake_trace_id",
     "start_span",
 ]
 
 Propagation = Literal["child", "link", "none"]
 PROPAGATIONS: Final = ("child", "link", "none")
+#: How the attempts after the first of a retried job relate to its producer (see ``consume``).
+Retries = Literal["link", "child"]
+RETRIES: Final = ("link", "child")
 
 _INSTRUMENTATION_NAME: Final = "ctxkit"
 _ALL_ZERO_HEX: Final = "0" * 32
@@ -49,6 +56,11 @@ EMPTY_OTEL_CONTEXT: Final = otel_context.Context()
 
 #: The fake trace id of the current context, when ctxkit gave it one (see module docstring).
 fake_trace_id_var: ContextVar[str] = ContextVar("ctxkit.fake_trace_id")
+
+#: A producer's fake trace id that log lines of a consumed job keep although the job has a valid
+#: span of its own: ``consume`` sets it when the producer had no valid span, so that producer and
+#: worker log lines join on one id. It wins over the current span in ``current_trace_id``.
+inherited_trace_id_var: ContextVar[str] = ContextVar("ctxkit.inherited_trace_id")
 
 _global_tracer: Final = trace.get_tracer(_INSTRUMENTATION_NAME, __version__)
 _tracers: weakref.WeakKeyDictionary[trace.TracerProvider, trace.Tracer] = (
@@ -103,13 +115,23 @@ def current_trace_id() -> str | None:
     """Return the trace id that log lines of the current context should carry.
 
     Returns:
-        The current valid span's trace id as 32 lowercase hex characters; else the fake trace
-        id that a ctxkit clone gave this context; else None.
+        The fake trace id of the producer of the job being consumed, when that producer had no
+        valid span (see ``ctxkit.propagation.consume``); else the current valid span's trace id
+        as 32 lowercase hex characters; else the fake trace id that a ctxkit clone gave this
+        context; else None.
     """
+    inherited = inherited_trace_id_var.get(None)
+    if inherited is not None:
+        return inherited
     span_context = trace.get_current_span().get_span_context()
     if span_context.is_valid:
         return f"{span_context.trace_id:032x}"
     return fake_trace_id_var.get(None)
+
+
+def hex_trace_id(span_context: trace.SpanContext) -> str:
+    """Return the trace id of ``span_context`` as 32 lowercase hex characters."""
+    return f"{span_context.trace_id:032x}"
 
 
 def detached_otel_context(
@@ -139,19 +161,29 @@ def start_span(
     *,
     attributes: Attributes = None,
     kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+    links: Sequence[trace.SpanContext] = (),
 ) -> trace.Span:
     """Start a span related to ``source``'s current span as ``propagation`` says.
 
     ``"child"`` parents it on the current span of ``source``; ``"link"`` starts a new trace with
-    one link to that span (when it is valid); ``"none"`` starts a new trace with no link.
+    one link to that span (when it is valid); ``"none"`` starts a new trace with no link. The
+    valid span contexts in ``links`` are linked as well, in every mode, after that one (each
+    span context at most once); links are given at creation, so samplers see them.
     """
-    if propagation == "child":
+    if propagation == "child" and not links:  # the runner's hot path
         return tracer.start_span(name, context=source, kind=kind, attributes=attributes)
-    links: Sequence[trace.Link] | None = None
+    linked: list[trace.Link] = []
     if propagation == "link":
         parent = trace.get_current_span(source).get_span_context()
         if parent.is_valid:
-            links = (trace.Link(parent),)
+            linked.append(trace.Link(parent))
+    for extra in links:
+        if extra.is_valid and all(link.context != extra for link in linked):
+            linked.append(trace.Link(extra))
+    if propagation == "child":
+        return tracer.start_span(
+            name, context=source, kind=kind, attributes=attributes, links=linked or None
+        )
     return tracer.start_span(
-        name, context=EMPTY_OTEL_CONTEXT, kind=kind, attributes=attributes, links=links
+        name, context=EMPTY_OTEL_CONTEXT, kind=kind, attributes=attributes, links=linked or None
     )

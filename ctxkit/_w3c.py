@@ -201,8 +201,15 @@ def _read(carrier: CarrierT, key: str, getter: Getter[CarrierT]) -> list[object]
     if raw is None:
         return []
     if isinstance(raw, list | tuple):
-        return list(raw)
-    return [raw]
+        return [_plain(item) for item in raw]
+    return [_plain(raw)]
+
+
+def _plain(value: object) -> object:
+    # A str subclass may override the methods the parsers call: copy it into a plain str.
+    if isinstance(value, str) and type(value) is not str:
+        return str.__str__(value)
+    return value
 
 
 def _values(carrier: CarrierT, name: str, getter: Getter[CarrierT]) -> list[object]:
@@ -215,7 +222,8 @@ def _values(carrier: CarrierT, name: str, getter: Getter[CarrierT]) -> list[obje
             else getter.keys(carrier)
         )
         for key in keys:
-            if isinstance(key, str) and key != name and key.lower() == name:
+            plain = _plain(key)
+            if isinstance(key, str) and isinstance(plain, str) and plain.lower() == name != plain:
                 values.extend(_read(carrier, key, getter))
     return values
 

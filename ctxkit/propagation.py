@@ -8,7 +8,10 @@ mutable mapping such as a job's labels or headers); ``extract`` reads one back i
 - ``traceparent``, ``tracestate``: W3C Trace Context (Level 2), when a valid span is current;
 - ``ctxkit-vars``: one JSON object, ``ContextVar.name`` to JSON value, ASCII, at most 4 KiB;
 - ``ctxkit-trace-id``: the fake trace id (32 lowercase hex) when no valid span is current;
-- ``baggage``: W3C Baggage, only with ``baggage=True``, at most 64 members and 8192 bytes.
+- ``baggage``: W3C Baggage, only with ``baggage=True``, at most 64 members and 8192 bytes;
+- ``ctxkit-producer``, ``ctxkit-previous``: ``traceparent`` values of a retried job's first
+  producer span and of its previous attempt, written when a consumed job publishes its own next
+  attempt (``inject(message_id=)``).
 
 A carrier comes from outside the process: reading one never raises and never evaluates
 anything. Whatever is wrong with it is ignored, counted in the ``ctxkit.propagation.rejected``
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, MutableMapping
 from contextvars import Context, ContextVar, Token
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
@@ -35,6 +38,8 @@ from ._carrier import (
     MAX_BAGGAGE_SIZE,
     MAX_VARS,
     MAX_VARS_SIZE,
+    PREVIOUS,
+    PRODUCER,
     TRACE_ID,
     VARS,
     _encode,
@@ -46,8 +51,11 @@ from ._carrier import _owned_keys as _owned_keys  # contrib.taskiq imports it fr
 from ._clone import as_var_tuple, check_propagation, otel_of, selection
 from ._trace import (
     EMPTY_OTEL_CONTEXT,
+    RETRIES,
     fake_trace_id_var,
     get_tracer,
+    hex_trace_id,
+    inherited_trace_id_var,
     new_fake_trace_id,
     start_span,
 )
@@ -58,7 +66,7 @@ if TYPE_CHECKING:
 
     from opentelemetry.util.types import AttributeValue
 
-    from ._trace import Propagation
+    from ._trace import Propagation, Retries
 
 __all__ = [
     "BAGGAGE",
@@ -66,6 +74,8 @@ __all__ = [
     "MAX_BAGGAGE_SIZE",
     "MAX_VARS",
     "MAX_VARS_SIZE",
+    "PREVIOUS",
+    "PRODUCER",
     "TRACEPARENT",
     "TRACESTATE",
     "TRACE_ID",
@@ -77,6 +87,18 @@ __all__ = [
 ]
 
 _CarrierT = TypeVar("_CarrierT", bound=MutableMapping[str, Any])
+
+
+class _Job(NamedTuple):
+    """The job a ``consume`` block is processing, for ``inject(message_id=)`` of its retry."""
+
+    message_id: str
+    producer: trace.SpanContext | None  # the first attempt's producer span
+    span: trace.SpanContext  # this attempt's span
+
+
+#: The job being consumed in the current context, when ``consume`` was given a message id.
+_job_var: ContextVar[_Job] = ContextVar("ctxkit.propagation.job")
 
 
 # --- argument checks (programming errors raise) ------------------------------------------------
@@ -96,6 +118,11 @@ def _selected(vars: Iterable[ContextVar[Any]], caller: str) -> tuple[ContextVar[
                     "names identify vars in carriers, give each carried var a unique name"
                 )
     return selected
+
+
+def _check_retries(retries: object) -> None:
+    if retries not in RETRIES:
+        raise ValueError(f"retries must be one of {', '.join(map(repr, RETRIES))}, got {retries!r}")
 
 
 def _check_options(max_vars_size: object, propagator: object) -> None:
@@ -121,6 +148,7 @@ def inject(
     propagator: TextMapPropagator | None = None,
     max_vars_size: int = MAX_VARS_SIZE,
     meter_provider: metrics.MeterProvider | None = None,
+    message_id: str | None = None,
 ) -> _CarrierT:
     """Write the trace and the selected ContextVars of a context into ``carrier``.
 
@@ -135,7 +163,12 @@ def inject(
         - the vars that are set, as one JSON object under ``ctxkit-vars`` keyed by
           ``ContextVar.name`` (ASCII, compact); unset vars are left out;
         - with ``baggage=True``, the baggage as W3C ``baggage``: at most 64 members and 8192
-          bytes; members that do not fit, or whose key is not a token, are dropped (counted).
+          bytes; members that do not fit, or whose key is not a token, are dropped (counted);
+        - with ``message_id``, when the context is inside ``consume(..., message_id=)`` of the
+          same id (the job is publishing its own next attempt, as Celery's ``retry()`` and
+          taskiq's retry middleware do), the first attempt's producer span as
+          ``ctxkit-producer`` and the current attempt's span as ``ctxkit-previous``, so that
+          the next attempt can link to both.
 
         The keys ctxkit owns (those above) are replaced as a set: an owned key not written
         this time is removed, so a carrier reused for a retry never mixes two contexts. Every
@@ -151,6 +184,7 @@ def inject(
         propagator: Writes the trace instead of W3C Trace Context (B3, a vendor format).
         max_vars_size: Limit of the ``ctxkit-vars`` value, in bytes.
         meter_provider: Where to count dropped baggage; None means the global provider.
+        message_id: The id of the message the carrier travels with (a task id), if known.
 
     Returns:
         ``carrier`` itself.
@@ -166,17 +200,24 @@ def inject(
         raise TypeError(f"inject() writes into a mutable mapping such as a dict, got {carrier!r}")
     selected = _selected(vars, "inject")
     _check_options(max_vars_size, propagator)
+    if message_id is not None and not isinstance(message_id, str):
+        raise TypeError(f"message_id must be a str or None, got {message_id!r}")
     if context is None:
         values = [var.get(_MISSING) for var in selected]
         otel = otel_context.get_current()
         fake = fake_trace_id_var.get(None)
+        job = _job_var.get(None)
     else:
         otel = otel_of(context)  # checks the type, and reads an entered context too
         values = [context.get(var, _MISSING) for var in selected]
         fake = context.get(fake_trace_id_var)
+        job = context.get(_job_var)
+    retry = None
+    if job is not None and message_id is not None and job.message_id == message_id:
+        retry = (job.producer, job.span)
 
     written = _encode(
-        selected, values, otel, fake, baggage, propagator, max_vars_size, meter_provider
+        selected, values, otel, fake, baggage, propagator, max_vars_size, meter_provider, retry
     )
 
     for key in _owned_keys(propagator, baggage):
@@ -270,6 +311,9 @@ def consume(
     max_vars_size: int = MAX_VARS_SIZE,
     meter_provider: metrics.MeterProvider | None = None,
     attributes: Mapping[str, AttributeValue] | None = None,
+    message_id: str | None = None,
+    attempt: int = 1,
+    retries: Retries = "link",
 ) -> ConsumeScope:
     """Return a context manager that runs its block as the processing of one carried job.
 
@@ -279,24 +323,39 @@ def consume(
         On entry it reads ``carrier`` exactly as ``extract`` does (untrusted input: never
         raises, bad entries ignored, counted and logged once) and, in the *current* context,
         sets the carried ContextVars that ``vars`` or the registry allow and makes a new span
-        current: ``process {name}``, kind CONSUMER, with ``messaging.operation.type =
-        "process"``, ``messaging.destination.name = name``, ``messaging.system = system``
-        (when given), ``ctxkit.async = True`` and ``attributes``. The span's relation to the
-        producer's span follows ``propagation``:
+        current: ``process {name}``, kind CONSUMER, with the messaging attributes
+        ``messaging.operation.name = "process"``, ``messaging.operation.type = "process"``,
+        ``messaging.destination.name = name``, ``messaging.system = system`` (when given),
+        ``messaging.message.id = message_id`` (when given), and ``ctxkit.attempt = attempt``,
+        ``ctxkit.async = True`` and ``attributes``, all set at creation (samplers see them).
+        The span's relation to the producer's span follows ``propagation``:
 
         - ``"child"`` (default): its parent is the producer's span (same trace id);
         - ``"link"``: it starts a new trace with one link to the producer's span -- for work
-          that runs long after the request, or fans out;
+          that runs long after the request, or fans out; the linked trace id is also the
+          attribute ``ctxkit.linked_trace_id``, for backends that do not show links;
         - ``"none"``: it starts a new trace, unrelated.
+
+        An attempt after the first (``attempt > 1``) with ``retries="link"`` (default) and
+        ``propagation`` ``"child"`` or ``"link"`` starts a new trace instead, linked to the
+        first attempt's producer span (``ctxkit-producer``, else the carrier's span) and to the
+        previous attempt's span (``ctxkit-previous``); attributes ``ctxkit.linked_trace_id``
+        and ``ctxkit.previous_trace_id`` name their traces. With ``retries="child"`` every
+        attempt relates to the first producer span as ``propagation`` says.
 
         Without a valid remote span the span is a new root. When tracing is a no-op, a
         ``"child"`` block keeps the producer's span context current (its trace id reaches
         logs and further injects); when no valid span is current at all, the block gets the
-        carrier's fake trace id (``"child"``) or a new one.
+        carrier's fake trace id (``"child"``) or a new one. When the producer had no valid span
+        but sent a fake trace id and the block has a valid span of its own (``"child"``),
+        ``current_trace_id()`` in the block still returns the producer's fake id, so that log
+        lines join, and the span records it as ``ctxkit.fake_trace_id``.
 
         An exception escaping the block sets the span's status to ERROR, records it with
-        ``error.type``, and propagates. On exit the span ends and everything entry set is
-        put back: the ContextVar tokens are reset and the OpenTelemetry context detached.
+        ``error.type``, and propagates. With ``message_id``, ``inject(message_id=)`` of the
+        same id inside the block marks the carrier as this job's next attempt. On exit the
+        span ends and everything entry set is put back: the ContextVar tokens are reset and
+        the OpenTelemetry context detached.
         Those resets only work in the context they were made in: enter and leave the block
         in the same task (a plain ``with``/``async with`` does). A scope is single-use.
 
@@ -311,7 +370,11 @@ def consume(
         tracer_provider: Where to create the span; None means the global provider.
         max_vars_size: Limit of the ``ctxkit-vars`` value, in bytes; a larger one is ignored.
         meter_provider: Where to count rejected input; None means the global provider.
-        attributes: More attributes for the span, set at its start (``messaging.message.id``).
+        attributes: More attributes for the span, set at its start.
+        message_id: The message's id (a task id): ``messaging.message.id``, and what a retry
+            published from the block is recognised by.
+        attempt: Which attempt this is, from 1 (the engine's retry count plus one).
+        retries: ``"link"`` (default) or ``"child"``: how attempts after the first relate.
 
     Returns:
         A ``ConsumeScope``; entering it returns the CONSUMER span.
@@ -319,23 +382,34 @@ def consume(
     Raises:
         TypeError: ``name`` is not a string, an element of ``vars`` is not a ContextVar, or
             an option has a wrong type.
-        ValueError: ``propagation`` is not accepted, two selected vars share a name, or
-            ``max_vars_size`` is too small.
+        ValueError: ``propagation``, ``retries`` or ``attempt`` is not accepted, two selected
+            vars share a name, or ``max_vars_size`` is too small.
     """
     if not isinstance(name, str):
         raise TypeError(f"consume() takes the destination name as a str, got {name!r}")
     if system is not None and not isinstance(system, str):
         raise TypeError(f"system must be a str or None, got {system!r}")
+    if message_id is not None and not isinstance(message_id, str):
+        raise TypeError(f"message_id must be a str or None, got {message_id!r}")
+    if not isinstance(attempt, int) or isinstance(attempt, bool):
+        raise TypeError(f"attempt must be an int, got {attempt!r}")
+    if attempt < 1:
+        raise ValueError(f"attempt counts from 1, got {attempt!r}")
     check_propagation(propagation)
+    _check_retries(retries)
     selected = _selected(vars, "consume")
     _check_options(max_vars_size, propagator)
     span_attributes: dict[str, AttributeValue] = {
+        "messaging.operation.name": "process",
         "messaging.operation.type": "process",
         "messaging.destination.name": name,
+        "ctxkit.attempt": attempt,
         "ctxkit.async": True,
     }
     if system is not None:
         span_attributes["messaging.system"] = system
+    if message_id is not None:
+        span_attributes["messaging.message.id"] = message_id
     if attributes:
         span_attributes.update(attributes)
     return ConsumeScope(
@@ -349,6 +423,8 @@ def consume(
         max_vars_size,
         meter_provider,
         span_attributes,
+        message_id,
+        attempt > 1 and retries == "link",
     )
 
 
@@ -359,13 +435,18 @@ class ConsumeScope:
         "_attributes",
         "_baggage",
         "_carrier",
+        "_ended",
         "_entered",
         "_fake_token",
+        "_inherited_token",
+        "_job_token",
         "_max_vars_size",
+        "_message_id",
         "_meter_provider",
         "_otel_token",
         "_propagation",
         "_propagator",
+        "_relink",
         "_selected",
         "_span",
         "_span_name",
@@ -385,6 +466,8 @@ class ConsumeScope:
         max_vars_size: int,
         meter_provider: metrics.MeterProvider | None,
         attributes: dict[str, AttributeValue],
+        message_id: str | None = None,
+        relink: bool = False,
     ) -> None:
         self._carrier = carrier
         self._span_name = span_name
@@ -396,11 +479,16 @@ class ConsumeScope:
         self._max_vars_size = max_vars_size
         self._meter_provider = meter_provider
         self._attributes = attributes
+        self._message_id = message_id
+        self._relink = relink  # a later attempt that starts a new, linked trace
         self._entered = False
+        self._ended = False
         self._span: trace.Span = trace.INVALID_SPAN
         self._tokens: list[tuple[ContextVar[Any], Token[Any]]] = []
         self._otel_token: Token[otel_context.Context] | None = None
         self._fake_token: Token[str] | None = None
+        self._inherited_token: Token[str] | None = None
+        self._job_token: Token[_Job] | None = None
 
     def __enter__(self) -> trace.Span:
         if self._entered:
@@ -416,23 +504,42 @@ class ConsumeScope:
             self._meter_provider,
         )
         propagation = self._propagation
+        producer = parsed.producer or parsed.remote  # the first attempt's producer span
+        attributes = self._attributes
+        links: tuple[trace.SpanContext, ...] = ()
+        source = _otel_for(parsed, EMPTY_OTEL_CONTEXT)
+        mode = propagation
+        if propagation != "none" and parsed.producer is not None:
+            # A later attempt: relate to the first producer span, not to the retry's sender.
+            source = trace.set_span_in_context(trace.NonRecordingSpan(parsed.producer), source)
+        if propagation != "none" and self._relink:
+            mode = "none"
+            links = tuple(ctx for ctx in (producer, parsed.previous) if ctx is not None)
+            attributes = dict(attributes)
+            if producer is not None:
+                attributes["ctxkit.linked_trace_id"] = hex_trace_id(producer)
+            if parsed.previous is not None:
+                attributes["ctxkit.previous_trace_id"] = hex_trace_id(parsed.previous)
+        elif propagation == "link" and producer is not None:
+            attributes = {**attributes, "ctxkit.linked_trace_id": hex_trace_id(producer)}
+        inherit = propagation == "child" and parsed.remote is None and parsed.fake is not None
+        if inherit:
+            assert parsed.fake is not None
+            attributes = {**attributes, "ctxkit.fake_trace_id": parsed.fake}
         span = start_span(
             self._tracer,
             self._span_name,
-            _otel_for(parsed, EMPTY_OTEL_CONTEXT),
-            propagation,
-            attributes=self._attributes,
+            source,
+            mode,
+            attributes=attributes,
             kind=trace.SpanKind.CONSUMER,
+            links=links,
         )
         self._span = span
         current: trace.Span = span
-        if not span.get_span_context().is_valid and propagation == "child":
+        if not span.get_span_context().is_valid and mode == "child":
             # No-op tracing: keep the producer's span context for logs and further injects.
-            current = (
-                trace.INVALID_SPAN
-                if parsed.remote is None
-                else trace.NonRecordingSpan(parsed.remote)
-            )
+            current = trace.INVALID_SPAN if producer is None else trace.NonRecordingSpan(producer)
         self._tokens = [(var, var.set(value)) for var, value in parsed.values]
         otel = trace.set_span_in_context(current, otel_context.get_current())
         if self._baggage:
@@ -443,6 +550,13 @@ class ConsumeScope:
         if not current.get_span_context().is_valid:
             fake = parsed.fake if propagation == "child" else None
             self._fake_token = fake_trace_id_var.set(fake or new_fake_trace_id())
+        elif inherit:
+            assert parsed.fake is not None
+            self._inherited_token = inherited_trace_id_var.set(parsed.fake)
+        if self._message_id is not None:
+            own = current.get_span_context()
+            if own.is_valid:
+                self._job_token = _job_var.set(_Job(self._message_id, producer, own))
         return span
 
     def __exit__(
@@ -451,12 +565,16 @@ class ConsumeScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        span = self._span
-        if exc is not None and not isinstance(exc, GeneratorExit):
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            span.record_exception(exc)
-            span.set_attribute("error.type", type(exc).__qualname__)
-        span.end()
+        if not self._end_span(exc):
+            return
+        job_token = self._job_token
+        if job_token is not None:
+            self._job_token = None
+            _job_var.reset(job_token)
+        inherited_token = self._inherited_token
+        if inherited_token is not None:
+            self._inherited_token = None
+            inherited_trace_id_var.reset(inherited_token)
         token = self._otel_token
         if token is not None:
             self._otel_token = None
@@ -469,6 +587,38 @@ class ConsumeScope:
         self._tokens = []
         for var, var_token in reversed(tokens):
             var.reset(var_token)
+
+    def _end_span(self, exc: BaseException | None) -> bool:
+        """End the span once (ERROR for ``exc``); return False if it had ended already."""
+        if self._ended or not self._entered:
+            return False
+        self._ended = True
+        span = self._span
+        if exc is not None and not isinstance(exc, GeneratorExit):
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            span.record_exception(exc)
+            span.set_attribute("error.type", type(exc).__qualname__)
+        span.end()
+        return True
+
+    def abandon(self, exc: BaseException | None = None, *, reason: str | None = None) -> None:
+        """End the span of a scope that can no longer be left, without restoring anything.
+
+        For integrations whose engine skipped the hook that leaves the scope (a failing
+        neighbour): the span ends with ERROR -- recording ``exc`` when given, else with
+        ``reason`` as the status description and ``error.type = "_OTHER"`` -- and what the
+        entry set stays set in the context it was entered in (which the engine has
+        abandoned). Leaving or abandoning a scope whose span has ended does nothing.
+        """
+        if exc is None and not self._ended and self._entered:
+            self._span.set_status(Status(StatusCode.ERROR, reason or "abandoned"))
+            self._span.set_attribute("error.type", "_OTHER")
+        self._end_span(exc)
+
+    @property
+    def finished(self) -> bool:
+        """Tell whether the span has ended (the scope was left or abandoned)."""
+        return self._ended
 
     async def __aenter__(self) -> trace.Span:
         return self.__enter__()

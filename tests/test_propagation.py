@@ -716,7 +716,13 @@ class TestConsume:
         assert otel_context.get_current() is before
         [process] = [s for s in span_exporter.get_finished_spans() if s.name == "process emails"]
         assert process.kind is SpanKind.CONSUMER
-        assert dict(process.attributes or {}) == {
+        attributes = dict(process.attributes or {})
+        linked = attributes.pop("ctxkit.linked_trace_id", None)
+        send_trace = f"{send.get_span_context().trace_id:032x}"
+        assert linked == (send_trace if propagation_mode == "link" else None)
+        assert attributes == {
+            "messaging.operation.name": "process",
+            "ctxkit.attempt": 1,
             "messaging.operation.type": "process",
             "messaging.destination.name": "emails",
             "messaging.system": "taskiq",
@@ -829,6 +835,8 @@ class TestConsume:
             pass
         [process] = span_exporter.get_finished_spans()
         assert dict(process.attributes or {}) == {
+            "messaging.operation.name": "process",
+            "ctxkit.attempt": 1,
             "messaging.operation.type": "process",
             "messaging.destination.name": "q",
             "ctxkit.async": True,
@@ -921,6 +929,23 @@ json_values = st.recursive(
 )
 
 
+class Hostile(str):
+    """A str subclass from in-process code whose every method the parsers might call raises."""
+
+    __slots__ = ()
+
+    def _boom(self, *args: object, **kwargs: object) -> Any:
+        raise RuntimeError("hostile str")
+
+    strip = lstrip = rstrip = lower = upper = split = partition = encode = _boom
+    isascii = startswith = endswith = find = replace = join = _boom
+    __len__ = __iter__ = __getitem__ = __contains__ = _boom
+    __eq__ = __ne__ = __lt__ = __add__ = __radd__ = __mod__ = __str__ = __format__ = _boom
+
+    def __hash__(self) -> int:
+        return str.__hash__(self)
+
+
 def mostly(likely: st.SearchStrategy[Any], other: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     """Draw from ``likely`` about three times in four, else from ``other``."""
     return st.integers(0, 3).flatmap(lambda n: likely if n else other)
@@ -952,7 +977,13 @@ strings = (
     | hexes
     | st.text("abc=%;, \t", max_size=30)
 )
-values = strings | json_values | st.binary(max_size=20) | st.lists(strings, max_size=3)
+values = (
+    strings
+    | strings.map(Hostile)
+    | json_values
+    | st.binary(max_size=20)
+    | st.lists(strings, max_size=3)
+)
 # Mostly mappings with ctxkit's keys holding near-valid values, plus any other shape at all.
 ctxkit_carriers = st.fixed_dictionaries(
     {},
@@ -988,7 +1019,7 @@ def test_extract_never_raises_and_restores_only_allowed_vars(
     for var in ALLOWED:
         if var in ctx:
             assert isinstance(carrier, dict)
-            assert ctx[var] == json.loads(carrier["ctxkit-vars"])[var.name]
+            assert ctx[var] == json.loads(str.__str__(carrier["ctxkit-vars"]))[var.name]
     assert isinstance(ctx.run(ctxkit.current_trace_id), str)
 
 
@@ -1024,3 +1055,215 @@ def test_consume_never_raises_and_restores_only_allowed_vars(
         assert otel_context.get_current() is before
 
     contextvars.Context().run(run)
+
+
+# --- retries, attempts and the producer's fake trace id -----------------------------------------
+
+
+def span_hex(span_context: SpanContext) -> tuple[int, int]:
+    return span_context.trace_id, span_context.span_id
+
+
+class TestRetries:
+    def test_inject_marks_the_next_attempt_of_the_consumed_job(
+        self, tracer_provider: TracerProvider
+    ) -> None:
+        """Inside consume(message_id=m), inject(message_id=m) writes the first producer span
+        and the current attempt's span; another id, or no id, writes neither."""
+        with consume(
+            {"traceparent": TRACEPARENT}, "q", message_id="m", tracer_provider=tracer_provider
+        ) as span:
+            retry: Carrier = inject({}, message_id="m")
+            other: Carrier = inject({}, message_id="other")
+            plain: Carrier = inject({})
+            context = contextvars.copy_context()
+        own = span.get_span_context()
+        assert retry["ctxkit-producer"] == TRACEPARENT
+        assert retry["ctxkit-previous"] == f"00-{own.trace_id:032x}-{own.span_id:016x}-01"
+        for carrier in (other, plain):
+            assert "ctxkit-producer" not in carrier
+            assert "ctxkit-previous" not in carrier
+        assert "ctxkit-previous" in inject({}, context=context, message_id="m")
+        assert "ctxkit-previous" not in inject({"ctxkit-previous": "stale"}, message_id="m")
+
+    def test_later_attempt_links_to_producer_and_previous(
+        self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
+    ) -> None:
+        """Attempt 2 with retries="link" starts a new trace linked to the first producer span
+        and the previous attempt, both named in attributes; attempt 3 keeps the producer."""
+        with consume(
+            {"traceparent": TRACEPARENT}, "q", message_id="m", tracer_provider=tracer_provider
+        ):
+            carrier: Carrier = inject({}, message_id="m")
+        with consume(
+            carrier, "q", message_id="m", attempt=2, tracer_provider=tracer_provider
+        ) as second_span:
+            carrier = inject({}, message_id="m")
+        with consume(carrier, "q", message_id="m", attempt=3, tracer_provider=tracer_provider):
+            pass
+        first, second, third = span_exporter.get_finished_spans()
+        assert first.parent is not None
+        assert (first.parent.trace_id, first.parent.span_id) == span_hex(REMOTE)
+        assert second.context is not None
+        assert second.context == second_span.get_span_context()
+        for attempt, previous in ((second, first), (third, second)):
+            assert attempt.parent is None
+            assert previous.context is not None
+            assert [span_hex(link.context) for link in attempt.links] == [
+                span_hex(REMOTE),
+                span_hex(previous.context),
+            ]
+            attributes = attempt.attributes or {}
+            assert attributes["ctxkit.linked_trace_id"] == TRACE_HEX
+            assert attributes["ctxkit.previous_trace_id"] == f"{previous.context.trace_id:032x}"
+        assert [(s.attributes or {})["ctxkit.attempt"] for s in (first, second, third)] == [1, 2, 3]
+
+    @pytest.mark.parametrize("propagation_mode", ["child", "link", "none"])
+    def test_retries_child_and_none(
+        self,
+        tracer_provider: TracerProvider,
+        span_exporter: InMemorySpanExporter,
+        propagation_mode: Propagation,
+    ) -> None:
+        """With retries="child" a later attempt relates to the first producer span (not to the
+        retry's sender) as propagation says; propagation="none" never relates."""
+        other = f"00-{'f' * 32}-{'e' * 16}-01"
+        carrier = {"traceparent": other, "ctxkit-producer": TRACEPARENT}
+        with consume(
+            carrier,
+            "q",
+            attempt=2,
+            retries="child",
+            propagation=propagation_mode,
+            tracer_provider=tracer_provider,
+        ):
+            pass
+        [span] = span_exporter.get_finished_spans()
+        if propagation_mode == "child":
+            assert span.parent is not None
+            assert (span.parent.trace_id, span.parent.span_id) == span_hex(REMOTE)
+        else:
+            assert span.parent is None
+        links = [span_hex(link.context) for link in span.links]
+        assert links == ([span_hex(REMOTE)] if propagation_mode == "link" else [])
+
+    def test_bad_retry_keys_are_rejected(
+        self, meter_provider: MeterProvider, metric_reader: InMemoryMetricReader
+    ) -> None:
+        """Malformed ctxkit-producer and ctxkit-previous values are ignored and counted."""
+        carrier = {"ctxkit-producer": "nope", "ctxkit-previous": 5}
+        extract(carrier, meter_provider=meter_provider)
+        assert rejected(metric_reader) == {"producer.invalid": 1, "previous.invalid": 1}
+
+    def test_arguments_are_checked(self) -> None:
+        """attempt, retries and message_id are validated at once."""
+        with pytest.raises(TypeError, match="attempt"):
+            consume({}, "q", attempt="2")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="attempt"):
+            consume({}, "q", attempt=0)
+        with pytest.raises(ValueError, match="retries"):
+            consume({}, "q", retries="never")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="message_id"):
+            consume({}, "q", message_id=7)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="message_id"):
+            inject({}, message_id=7)  # type: ignore[arg-type]
+
+
+class TestAbandon:
+    def test_abandon_ends_the_span_once(
+        self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
+    ) -> None:
+        """abandon() ends the span with ERROR (_OTHER without an exception); leaving or
+        abandoning again does nothing more."""
+        scope = consume({}, "q", tracer_provider=tracer_provider)
+        finished = [scope.finished]
+        scope.abandon()  # not entered: nothing to end
+        context = contextvars.copy_context()
+        context.run(scope.__enter__)
+        context.run(scope.abandon, reason="skipped")
+        finished.append(scope.finished)
+        assert finished == [False, True]
+        context.run(scope.abandon, ValueError("again"))
+        context.run(scope.__exit__, None, None, None)
+        [span] = span_exporter.get_finished_spans()
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.status.description == "skipped"
+        assert (span.attributes or {})["error.type"] == "_OTHER"
+
+    def test_abandon_with_an_exception(
+        self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
+    ) -> None:
+        """abandon(exc) records the exception and its type."""
+        scope = consume({}, "q", tracer_provider=tracer_provider)
+        contextvars.copy_context().run(scope.__enter__)
+        scope.abandon(KeyError("k"))
+        [span] = span_exporter.get_finished_spans()
+        assert (span.attributes or {})["error.type"] == "KeyError"
+
+
+class TestInheritedFakeTraceId:
+    def test_logs_keep_the_producers_fake_id(
+        self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
+    ) -> None:
+        """A producer without a valid span sent its fake trace id: in a child block with a
+        real span, current_trace_id() is that id, and the span records it; not after."""
+        fake = "ab" * 16
+        with consume({"ctxkit-trace-id": fake}, "q", tracer_provider=tracer_provider) as span:
+            assert span.get_span_context().is_valid
+            assert ctxkit.current_trace_id() == fake
+        assert ctxkit.current_trace_id() is None
+        [process] = span_exporter.get_finished_spans()
+        assert (process.attributes or {})["ctxkit.fake_trace_id"] == fake
+        assert process.context is not None
+        assert f"{process.context.trace_id:032x}" != fake
+
+    def test_link_mode_does_not_inherit(self, tracer_provider: TracerProvider) -> None:
+        """A link block is a new trace on purpose: its logs carry its own span's id."""
+        with consume(
+            {"ctxkit-trace-id": "ab" * 16}, "q", propagation="link", tracer_provider=tracer_provider
+        ) as span:
+            assert ctxkit.current_trace_id() == f"{span.get_span_context().trace_id:032x}"
+
+
+class TestStrSubclasses:
+    def test_hostile_values_are_read_as_plain_strings(self) -> None:
+        """Carrier values that are str subclasses overriding every method never make extract
+        raise: they are read as the plain strings they hold."""
+        carrier = {
+            "traceparent": Hostile(TRACEPARENT),
+            "tracestate": Hostile("a=b"),
+            "ctxkit-vars": Hostile('{"request_id":"r-h"}'),
+            "ctxkit-trace-id": Hostile("cd" * 16),
+            "baggage": Hostile("k=v"),
+            "ctxkit-producer": Hostile(TRACEPARENT),
+            "ctxkit-previous": Hostile("garbage"),
+        }
+        ctx = extract(carrier, vars=(request_id,), baggage=True)
+        assert ctx[request_id] == "r-h"
+        assert ctx.run(ctxkit.current_trace_id) == TRACE_HEX
+        assert ctx.run(baggage.get_all) == {"k": "v"}
+
+    def test_hostile_keys_and_list_values(self) -> None:
+        """Hostile keys (matched case-insensitively) and hostile list items do not raise."""
+        extract({Hostile("TraceParent"): TRACEPARENT})
+        ctx = extract({"traceparent": [Hostile(TRACEPARENT)], "tracestate": (Hostile("a=b"),)})
+        assert ctx.run(ctxkit.current_trace_id) == TRACE_HEX
+
+
+class TestStartSpanLinks:
+    def test_extra_links_in_child_and_link_modes(
+        self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
+    ) -> None:
+        """start_span adds valid extra links in every mode, each span context once, after
+        the link of "link" mode; invalid ones are left out."""
+        from ctxkit._trace import get_tracer, start_span
+
+        tracer = get_tracer(tracer_provider)
+        source = trace.set_span_in_context(NonRecordingSpan(REMOTE))
+        other = SpanContext(trace_id=5, span_id=6, is_remote=True)
+        start_span(tracer, "c", source, "child", links=(other, trace.INVALID_SPAN_CONTEXT)).end()
+        start_span(tracer, "l", source, "link", links=(REMOTE, other)).end()
+        child, linked = span_exporter.get_finished_spans()
+        assert child.parent is not None
+        assert [span_hex(link.context) for link in child.links] == [(5, 6)]
+        assert [span_hex(link.context) for link in linked.links] == [span_hex(REMOTE), (5, 6)]

@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import contextvars
+import gc
 import json
 import logging
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
@@ -33,17 +28,33 @@ import pytest_asyncio
 import redis
 import redis.asyncio
 from opentelemetry import trace
+from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import SpanKind, StatusCode
-from taskiq import AsyncTaskiqTask, InMemoryBroker, NoResultError, TaskiqMessage, TaskiqResult
+from taskiq import (
+    AsyncTaskiqTask,
+    InMemoryBroker,
+    NoResultError,
+    SimpleRetryMiddleware,
+    TaskiqMessage,
+    TaskiqMiddleware,
+    TaskiqResult,
+)
+from taskiq.brokers.inmemory_broker import InmemoryResultBackend
+from taskiq.exceptions import SendTaskError
 from taskiq.kicker import AsyncKicker
 from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
 
 import ctxkit
 from ctxkit import propagation
-from ctxkit.contrib.taskiq import CtxkitMiddleware
+from ctxkit.contrib.taskiq import CtxkitMiddleware, _attempt
+
+from ._servers import REPO, TIMEOUT, redis_url, stop
+
+__all__ = ["redis_url"]  # a fixture, used by name
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
+    from pathlib import Path
 
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -54,8 +65,6 @@ if TYPE_CHECKING:
 Mode = Literal["child", "link", "none"]
 MODES: tuple[Mode, ...] = ("child", "link", "none")
 
-REPO = Path(__file__).resolve().parent.parent
-TIMEOUT = 20.0  # seconds, for anything that waits on Redis or the worker
 
 # Same names as in tests/taskiq_app/app.py: names, not objects, identify vars across processes.
 request_id: ContextVar[str] = ContextVar("request_id")
@@ -236,12 +245,15 @@ class TestInMemory:
         assert process.parent.span_id == send.context.span_id
         assert dict(send.attributes or {}) == {
             "messaging.system": "taskiq",
+            "messaging.operation.name": "send",
             "messaging.operation.type": "send",
             "messaging.destination.name": task_name,
             "messaging.message.id": (process.attributes or {})["messaging.message.id"],
         }
         assert (process.attributes or {})["messaging.system"] == "taskiq"
         assert (process.attributes or {})["messaging.operation.type"] == "process"
+        assert (process.attributes or {})["messaging.operation.name"] == "process"
+        assert (process.attributes or {})["ctxkit.attempt"] == 1
         assert (process.attributes or {})["ctxkit.async"] is True
         assert process.status.status_code is StatusCode.UNSET
 
@@ -438,92 +450,285 @@ class TestInMemory:
         assert process.parent.span_id == hex_span_id(spans["send observe"])
 
 
+# --- failing neighbours: every span ctxkit starts ends exactly once ----------------------------
+
+
+class EndedSpans(SpanProcessor):
+    """Count span ends by name and let a test wait for one."""
+
+    def __init__(self) -> None:
+        self.ended: dict[str, int] = {}
+        self.events: dict[str, asyncio.Event] = {}
+
+    def event(self, name: str) -> asyncio.Event:
+        return self.events.setdefault(name, asyncio.Event())
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.ended[span.name] = self.ended.get(span.name, 0) + 1
+        self.event(span.name).set()
+
+
+@pytest.fixture
+def ended(tracer_provider: TracerProvider) -> EndedSpans:
+    processor = EndedSpans()
+    tracer_provider.add_span_processor(processor)
+    return processor
+
+
+class NeighbourError(Exception):
+    pass
+
+
+class FailingPreExecute(TaskiqMiddleware):
+    def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+        raise NeighbourError("pre_execute")
+
+
+class FailingPostExecute(TaskiqMiddleware):
+    def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
+        raise NeighbourError("post_execute")
+
+
+class FailingPreSend(TaskiqMiddleware):
+    def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
+        raise NeighbourError("pre_send")
+
+
+class FailingKickBroker(IsolatedBroker):
+    async def kick(self, message: BrokerMessage) -> None:
+        raise ConnectionError("broker down")
+
+
+class FailingResultBackend(InmemoryResultBackend[Any]):
+    async def set_result(self, task_id: str, result: TaskiqResult[Any]) -> None:
+        raise ConnectionError("result backend down")
+
+
+def one_finished(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
+    found = [span for span in exporter.get_finished_spans() if span.name == name]
+    assert len(found) == 1, found
+    return found[0]
+
+
+class TestFailingNeighbours:
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize("neighbour", [FailingPreExecute, FailingPostExecute])
+    async def test_worker_hook_skipped_by_a_neighbour(
+        self,
+        tracer_provider: TracerProvider,
+        span_exporter: InMemorySpanExporter,
+        ended: EndedSpans,
+        neighbour: type[TaskiqMiddleware],
+    ) -> None:
+        """A middleware after ctxkit's that raises in pre_execute or post_execute makes taskiq
+        skip ctxkit's post_execute: the process span still ends, once, with ERROR, when the
+        worker task finishes."""
+        memory = make_memory("child", tracer_provider)
+        memory.broker.add_middlewares(neighbour())
+        await memory.broker.startup()
+        try:
+            with pytest.raises(NeighbourError):
+                await memory.broker.run_raw(raw_message("observe", {}))
+            await asyncio.wait_for(ended.event("process observe").wait(), TIMEOUT)
+        finally:
+            await memory.broker.shutdown()
+        process = one_finished(span_exporter, "process observe")
+        assert process.status.status_code is StatusCode.ERROR
+        assert (process.attributes or {})["error.type"] == "_OTHER"
+        assert ended.ended["process observe"] == 1
+
+    @pytest.mark.asyncio
+    async def test_broker_kick_raises(
+        self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
+    ) -> None:
+        """A broker whose kick raises: kiq() raises SendTaskError and the send span ends at
+        once, with ERROR and the broker's exception."""
+        memory = make_memory("child", tracer_provider, broker=FailingKickBroker())
+        await memory.broker.startup()
+        try:
+            with pytest.raises(SendTaskError):
+                await kick(memory.broker, "observe")
+            send = one_finished(span_exporter, "send observe")
+        finally:
+            await memory.broker.shutdown()
+        assert send.status.status_code is StatusCode.ERROR
+        assert (send.attributes or {})["error.type"] == "ConnectionError"
+        assert [event.name for event in send.events] == ["exception"]
+
+    @pytest.mark.asyncio
+    async def test_later_pre_send_raises(
+        self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
+    ) -> None:
+        """A middleware after ctxkit's that raises in pre_send: nothing is sent, and the send
+        span ends, once, with ERROR as soon as taskiq lets go of the message."""
+        memory = make_memory("child", tracer_provider)
+        memory.broker.add_middlewares(FailingPreSend())
+        await memory.broker.startup()
+        try:
+            with pytest.raises(NeighbourError) as excinfo:
+                await kick(memory.broker, "observe")
+            del excinfo  # the traceback holds the kicker's frame, and the message in it
+            gc.collect()
+            send = one_finished(span_exporter, "send observe")
+        finally:
+            await memory.broker.shutdown()
+        assert send.status.status_code is StatusCode.ERROR
+        assert (send.attributes or {})["error.type"] == "_OTHER"
+        assert memory.seen == []
+
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize("task_name", ["observe", "fail"])
+    async def test_failing_result_backend(
+        self,
+        tracer_provider: TracerProvider,
+        span_exporter: InMemorySpanExporter,
+        task_name: str,
+    ) -> None:
+        """A result backend that fails after the task ran does not change the process span:
+        it ends once, UNSET for a task that succeeded and ERROR for one that raised."""
+        broker = IsolatedBroker().with_result_backend(FailingResultBackend())
+        memory = make_memory("child", tracer_provider, broker=broker)
+        await memory.broker.startup()
+        try:
+            await memory.broker.run_raw(raw_message(task_name, {}))
+        finally:
+            await memory.broker.shutdown()
+        process = one_finished(span_exporter, f"process {task_name}")
+        expected = StatusCode.UNSET if task_name == "observe" else StatusCode.ERROR
+        assert process.status.status_code is expected
+
+    @pytest.mark.asyncio
+    async def test_sent_messages_end_their_span_once(
+        self, memory: Memory, span_exporter: InMemorySpanExporter
+    ) -> None:
+        """A message that was sent ends its span in post_send; dropping the message later does
+        not end it again."""
+        await kick(memory.broker, "observe")
+        await memory.broker.wait_all()
+        gc.collect()
+        send = one_finished(span_exporter, "send observe")
+        assert send.status.status_code is StatusCode.UNSET
+
+
+# --- retries -----------------------------------------------------------------------------------
+
+
+def make_retrying(
+    tracer_provider: TracerProvider, retries: Literal["link", "child"]
+) -> tuple[IsolatedBroker, list[dict[str, object]]]:
+    broker = IsolatedBroker()
+    broker.add_middlewares(
+        CtxkitMiddleware(vars=(request_id,), retries=retries, tracer_provider=tracer_provider),
+        SimpleRetryMiddleware(default_retry_count=5, default_retry_label=True),
+    )
+    seen: list[dict[str, object]] = []
+
+    @broker.task(task_name="flaky")
+    async def flaky() -> None:
+        seen.append(observation())
+        if len(seen) < 3:
+            raise RuntimeError(f"attempt {len(seen)} failed")
+
+    return broker, seen
+
+
+def process_spans(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
+    spans = [span for span in exporter.get_finished_spans() if span.name == name]
+    return sorted(spans, key=lambda span: int(str((span.attributes or {})["ctxkit.attempt"])))
+
+
+class TestRetries:
+    @pytest.mark.asyncio
+    async def test_retries_link_to_the_producer_and_the_previous_attempt(
+        self,
+        tracer_provider: TracerProvider,
+        span_exporter: InMemorySpanExporter,
+        ended: EndedSpans,
+    ) -> None:
+        """With retries="link" and taskiq's retry middleware, a task that fails twice runs
+        three times: attempt 1 is a child of the send span, attempts 2 and 3 start new traces
+        linked to that send span and to the attempt before; every attempt sees the vars, the
+        failed attempts are ERROR although the retry middleware hides their error."""
+        broker, seen = make_retrying(tracer_provider, "link")
+        assert ended.ended == {}
+        await broker.startup()
+        try:
+            with tracer_provider.get_tracer("test").start_as_current_span("request") as request:
+                request_id.set("r-retry")
+                await kick(broker, "flaky")
+            while len(seen) < 3:
+                await broker.wait_all()
+        finally:
+            await broker.shutdown()
+        sends = [s for s in span_exporter.get_finished_spans() if s.name == "send flaky"]
+        [send] = [s for s in sends if s.parent and s.parent.span_id == hex_span_id_of(request)]
+        first, second, third = process_spans(span_exporter, "process flaky")
+        assert [s["request_id"] for s in seen] == ["r-retry"] * 3
+        assert [(p.attributes or {})["ctxkit.attempt"] for p in (first, second, third)] == [1, 2, 3]
+        assert first.parent is not None
+        assert first.parent.span_id == hex_span_id(send)
+        for attempt, previous in ((second, first), (third, second)):
+            assert attempt.parent is None
+            assert hex_trace(attempt) not in {hex_trace(send), hex_trace(previous)}
+            assert [(link.context.trace_id, link.context.span_id) for link in attempt.links] == [
+                (int(hex_trace(send), 16), hex_span_id(send)),
+                (int(hex_trace(previous), 16), hex_span_id(previous)),
+            ]
+            attributes = attempt.attributes or {}
+            assert attributes["ctxkit.linked_trace_id"] == hex_trace(send)
+            assert attributes["ctxkit.previous_trace_id"] == hex_trace(previous)
+        assert [p.status.status_code for p in (first, second, third)] == [
+            StatusCode.ERROR,
+            StatusCode.ERROR,
+            StatusCode.UNSET,
+        ]
+        assert (first.attributes or {})["error.type"] == "RuntimeError"
+
+    @pytest.mark.asyncio
+    async def test_retries_child_keeps_every_attempt_under_the_producer(
+        self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
+    ) -> None:
+        """With retries="child" every attempt is a child of the first send span."""
+        broker, seen = make_retrying(tracer_provider, "child")
+        await broker.startup()
+        try:
+            with tracer_provider.get_tracer("test").start_as_current_span("request") as request:
+                await kick(broker, "flaky")
+            while len(seen) < 3:
+                await broker.wait_all()
+        finally:
+            await broker.shutdown()
+        sends = [s for s in span_exporter.get_finished_spans() if s.name == "send flaky"]
+        [send] = [s for s in sends if s.parent and s.parent.span_id == hex_span_id_of(request)]
+        attempts = process_spans(span_exporter, "process flaky")
+        assert len(attempts) == 3
+        for attempt in attempts:
+            assert attempt.parent is not None
+            assert attempt.parent.span_id == hex_span_id(send)
+            assert list(attempt.links) == []
+
+    def test_attempt_label(self) -> None:
+        """The retry middleware's _retries label gives the attempt; junk means attempt 1."""
+        cases: list[tuple[object, int]] = [
+            (None, 1),
+            ("2", 3),
+            (b"1", 2),
+            (4, 5),
+            ("x", 1),
+            ("9" * 40, 1),
+            (-1, 1),
+            (True, 1),
+        ]
+        for label, attempt in cases:
+            labels = {} if label is None else {"_retries": label}
+            assert _attempt(labels) == attempt, label
+
+
+def hex_span_id_of(span: trace.Span) -> int:
+    return int(span.get_span_context().span_id)
+
+
 # --- a real worker on a real Redis ---------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _redis_binary() -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        subprocess.run(
-            ["bash", str(REPO / "scripts" / "ensure-redis.sh")], check=False, timeout=900
-        )
-        binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail(
-            "redis-server is not on PATH and scripts/ensure-redis.sh could not install it; "
-            "run that script as root or install Debian's redis-server"
-        )
-    return binary
-
-
-def _stop(*processes: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """Stop processes started with start_new_session=True, and whatever they started.
-
-    Each process's session (its group id is its pid) gets SIGTERM at once, so all shut down
-    in parallel; a group still there once its leader exited, or after ``timeout``, gets SIGKILL.
-    Only the sessions this module started are signalled.
-    """
-    for process in processes:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for process in processes:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=5)
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = _redis_binary()
-    directory = tmp_path_factory.mktemp("redis")
-    port = _free_port()
-    log = directory / "redis.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--dir",
-                str(directory),
-                "--appendonly",
-                "no",
-            ],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"redis-server exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"redis-server did not answer in {TIMEOUT}s:\n{log.read_text()}")
-                time.sleep(0.02)  # polling another process's socket, not synchronising tasks
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        _stop(process)
 
 
 @dataclass
@@ -594,7 +799,7 @@ def workers(
             started[mode] = Worker(mode, queue, directory, process)
         yield started
     finally:
-        _stop(*(worker.process for worker in started.values()))
+        stop(*(worker.process for worker in started.values()))
 
 
 @pytest_asyncio.fixture
@@ -777,6 +982,51 @@ class TestRedisWorker:
             assert f"({reason})" in log, log
         assert "evil" not in log
         assert worker.process.poll() is None
+
+
+class TestRedisRetries:
+    @pytest.mark.asyncio
+    async def test_task_failing_twice_then_succeeding(
+        self,
+        workers: dict[Mode, Worker],
+        producers: dict[Mode, ListQueueBroker],
+        tracer_provider: TracerProvider,
+        span_exporter: InMemorySpanExporter,
+    ) -> None:
+        """On a real worker with taskiq's retry middleware, a task that fails twice and then
+        succeeds leaves three process spans: attempt 1 a child of the request's send span,
+        attempts 2 and 3 new traces linked to that send span and to the attempt before."""
+        worker = workers["child"]
+        key = f"flaky-{uuid.uuid4().hex}"
+        with tracer_provider.get_tracer("test").start_as_current_span("request"):
+            request_id.set("r-flaky")
+            kicker: AsyncKicker[Any, Any] = AsyncKicker(
+                task_name="flaky", broker=producers["child"], labels={}
+            )
+            task = await kicker.with_labels(retry_on_error=True, max_retries=5).kiq(key)
+        result = await result_of(worker, task)
+        assert not result.is_err, worker.log
+        assert result.return_value["request_id"] == "r-flaky"
+        [send] = [s for s in span_exporter.get_finished_spans() if s.name == "send flaky"]
+        attempts = sorted(
+            (s for s in worker.spans() if s["name"] == "process flaky"),
+            key=lambda span: int(span["attributes"]["ctxkit.attempt"]),
+        )
+        assert [s["attributes"]["ctxkit.attempt"] for s in attempts] == [1, 2, 3], worker.log
+        first, second, third = attempts
+        assert first["trace_id"] == hex_trace(send)
+        assert first["parent_span_id"] == hex_span(send)
+        assert first["status"] == "ERROR"
+        for attempt, previous in ((second, first), (third, second)):
+            assert attempt["parent_span_id"] is None
+            assert attempt["trace_id"] not in {hex_trace(send), previous["trace_id"]}
+            assert attempt["links"] == [
+                {"trace_id": hex_trace(send), "span_id": hex_span(send)},
+                {"trace_id": previous["trace_id"], "span_id": previous["span_id"]},
+            ]
+        assert second["status"] == "ERROR"
+        assert third["status"] == "UNSET"
+        assert third["trace_id"] == result.return_value["trace_id"]
 
 
 class TestMiddlewareHooks:

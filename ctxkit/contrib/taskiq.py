@@ -10,7 +10,9 @@ The carrier is the message's ``labels``; its format is ``ctxkit.propagation``'s.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import weakref
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final
 
@@ -39,6 +41,7 @@ from ..propagation import (
     MAX_VARS_SIZE,
     ConsumeScope,
     _check_options,
+    _check_retries,
     _owned_keys,
     _selected,
     consume,
@@ -50,21 +53,83 @@ if TYPE_CHECKING:
 
     from opentelemetry import metrics
     from opentelemetry.propagators.textmap import TextMapPropagator
-    from taskiq import TaskiqMessage, TaskiqResult
+    from taskiq import AsyncBroker, TaskiqMessage, TaskiqResult
+    from taskiq.message import BrokerMessage
 
-    from .._trace import Propagation
+    from .._trace import Propagation, Retries
 
 __all__ = ["CtxkitMiddleware"]
 
 _SYSTEM: Final = "taskiq"
 #: Where ``pre_send`` keeps the send span until ``post_send`` (not a model field: never sent).
 _SEND_SPAN: Final = "_ctxkit_send_span"
+#: The label taskiq's ``SimpleRetryMiddleware`` counts retries in (absent on the first attempt).
+_RETRIES_LABEL: Final = "_retries"
+#: Marks a broker whose ``kick`` ends the send spans of the messages it fails to send.
+_KICK_WRAPPED: Final = "_ctxkit_kick_wrapped"
+
+
+class _Send:
+    """One send span between ``pre_send`` and ``post_send``; ends it exactly once."""
+
+    __slots__ = ("__weakref__", "span")
+
+    def __init__(self, span: trace.Span) -> None:
+        self.span: trace.Span | None = span
+
+    def end(self, exc: BaseException | None = None, description: str | None = None) -> None:
+        span, self.span = self.span, None
+        if span is None:
+            return
+        if exc is not None:
+            _mark_error(span, exc)
+        elif description is not None:
+            span.set_status(Status(StatusCode.ERROR, description))
+            span.set_attribute("error.type", "_OTHER")
+        span.end()
+
+
+#: Sends in flight, by task id: a failing ``kick`` ends its message's span through this.
+_sending: weakref.WeakValueDictionary[str, _Send] = weakref.WeakValueDictionary()
+
+
+def _mark_error(span: trace.Span, exc: BaseException) -> None:
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+    span.record_exception(exc)
+    span.set_attribute("error.type", type(exc).__qualname__)
+
+
+def _end_unsent(send: _Send) -> None:
+    send.end(
+        description="not sent: taskiq never called post_send (a later middleware's pre_send "
+        "or the broker raised)"
+    )
+
 
 #: The consume scopes a worker task has entered, by task id. A ContextVar, so that
 #: ``post_execute`` finds only a scope entered in its own context, where it can be left.
-_active: ContextVar[tuple[tuple[str, ConsumeScope], ...]] = ContextVar(
+_active: ContextVar[tuple[tuple[str, _Execution], ...]] = ContextVar(
     "ctxkit.contrib.taskiq.active", default=()
 )
+
+
+class _Execution:
+    """One task execution between ``pre_execute`` and ``post_execute``."""
+
+    __slots__ = ("error", "scope", "task")
+
+    def __init__(self, scope: ConsumeScope) -> None:
+        self.scope = scope
+        self.error: BaseException | None = None  # what on_error saw, before a retry hid it
+        self.task: asyncio.Task[Any] | None = None  # watched in case post_execute is skipped
+
+    def abandoned(self, task: asyncio.Task[Any]) -> None:
+        """End the span with ERROR if the task finished without ``post_execute``."""
+        # The task's exception is not read: that would silence asyncio's report of it.
+        self.scope.abandon(
+            self.error,
+            reason="taskiq skipped post_execute: a neighbouring middleware raised",
+        )
 
 
 class CtxkitMiddleware(TaskiqMiddleware):
@@ -72,31 +137,43 @@ class CtxkitMiddleware(TaskiqMiddleware):
 
     Semantics:
         Producer side (``pre_send``): starts a PRODUCER span ``send {task_name}`` (a child
-        of the current span; ``messaging.system = "taskiq"``, ``messaging.operation.type =
-        "send"``, ``messaging.destination.name`` the task name, ``messaging.message.id`` the
-        task id) and ``ctxkit.propagation.inject``-s, with that span current, the trace and
-        the vars in ``vars`` plus the registered ones into the message's labels, as strings.
-        The span ends in ``post_send``, once the broker took the message (if the broker
-        raises, it is never ended). A var that is not JSON-representable, or vars over
-        ``max_vars_size``, make ``kiq()`` raise ``TypeError``/``ValueError``.
+        of the current span; ``messaging.system = "taskiq"``, ``messaging.operation.name`` and
+        ``messaging.operation.type`` ``"send"``, ``messaging.destination.name`` the task name,
+        ``messaging.message.id`` the task id) and ``ctxkit.propagation.inject``-s, with that
+        span current, the trace and the vars in ``vars`` plus the registered ones into the
+        message's labels, as strings. The span ends in ``post_send``, once the broker took the
+        message; if the broker's ``kick`` raises it ends at once with ERROR and the exception,
+        and if a later middleware's ``pre_send`` raises it ends with ERROR (``error.type``
+        ``_OTHER``) when taskiq lets go of the message. A var that is not JSON-representable,
+        or vars over ``max_vars_size``, make ``kiq()`` raise ``TypeError``/``ValueError``.
 
         Worker side: ``pre_execute`` enters ``ctxkit.propagation.consume(labels, task_name,
-        system="taskiq", ...)`` and ``post_execute`` leaves it, so the task function -- async,
-        or sync in taskiq's thread pool -- sees the restored vars and runs inside the CONSUMER
-        span ``process {task_name}``, related to the send span as ``propagation`` says. taskiq
-        runs ``pre_execute``, the task and ``post_execute`` in one asyncio task, which is what
-        lets the scope be left where it was entered. Labels are untrusted: bad ones are
-        ignored, counted and logged once, and the task runs as a new root; bytes labels
-        (from brokers that hand them back so) are decoded as UTF-8 first. A task that raises
-        gets status ERROR and ``error.type`` on its span; ``NoResultError`` is not an error.
-        If a middleware after this one fails in ``pre_execute``, taskiq skips
-        ``post_execute`` and the span is never ended. Sync tasks in a process pool
-        (``--use-process-pool``) do not see the context.
+        system="taskiq", message_id=task_id, attempt=...)`` and ``post_execute`` leaves it, so
+        the task function -- async, or sync in taskiq's thread pool -- sees the restored vars
+        and runs inside the CONSUMER span ``process {task_name}``, related to the send span as
+        ``propagation`` says. taskiq runs ``pre_execute``, the task and ``post_execute`` in
+        one asyncio task, which is what lets the scope be left where it was entered. Labels
+        are untrusted: bad ones are ignored, counted and logged once, and the task runs as a
+        new root; bytes labels (from brokers that hand them back so) are decoded as UTF-8
+        first. A task that raises gets status ERROR and ``error.type`` on its span, also when
+        a retry middleware then hides the error from the result; ``NoResultError`` is not an
+        error. If taskiq skips ``post_execute`` (a neighbouring middleware's ``pre_execute``
+        or ``post_execute`` raised), the span ends with ERROR when the worker task finishes.
+        A failing result backend (after ``post_execute``) leaves the span as the task left it.
+        Sync tasks in a process pool (``--use-process-pool``) do not see the context.
+
+        Retries: the attempt number is ``ctxkit.attempt`` on the process span, from 1: the
+        ``_retries`` label of taskiq's ``SimpleRetryMiddleware`` plus one. A retry kicked from
+        the failing attempt carries that attempt's span and the first producer span, and with
+        ``retries="link"`` (default) each attempt after the first starts a new trace linked to
+        both; ``retries="child"`` relates every attempt to the first send span as
+        ``propagation`` says.
 
     Args:
         vars: ContextVars to carry and to restore, besides the registered ones.
         propagation: ``"child"`` (default), ``"link"`` or ``"none"``: how the task's span
             relates to the send span (see ``ctxkit.propagation.consume``).
+        retries: ``"link"`` (default) or ``"child"``: how attempts after the first relate.
         baggage: Also carry W3C baggage (off by default: labels may be stored durably).
         max_vars_size: Limit of the ``ctxkit-vars`` label, in bytes, on both sides.
         propagator: Carry the trace in this format instead of W3C Trace Context.
@@ -105,7 +182,8 @@ class CtxkitMiddleware(TaskiqMiddleware):
 
     Raises:
         TypeError: An element of ``vars`` is not a ContextVar, or an option has a wrong type.
-        ValueError: ``propagation`` is not accepted, or two selected vars share a name.
+        ValueError: ``propagation`` or ``retries`` is not accepted, or two selected vars share
+            a name.
     """
 
     def __init__(
@@ -113,6 +191,7 @@ class CtxkitMiddleware(TaskiqMiddleware):
         *,
         vars: Iterable[ContextVar[Any]] = (),
         propagation: Propagation = "child",
+        retries: Retries = "link",
         baggage: bool = False,
         max_vars_size: int = MAX_VARS_SIZE,
         propagator: TextMapPropagator | None = None,
@@ -121,16 +200,37 @@ class CtxkitMiddleware(TaskiqMiddleware):
     ) -> None:
         super().__init__()
         check_propagation(propagation)
+        _check_retries(retries)
         self._vars = as_var_tuple(vars, "CtxkitMiddleware")
         _selected(self._vars, "CtxkitMiddleware")
         _check_options(max_vars_size, propagator)
         self._propagation: Propagation = propagation
+        self._retries: Retries = retries
         self._baggage = baggage
         self._max_vars_size = max_vars_size
         self._propagator = propagator
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
         self._keys = _owned_keys(propagator, baggage)
+
+    def set_broker(self, broker: AsyncBroker) -> None:
+        """Keep the broker, and make its ``kick`` end the send span of a message it fails."""
+        super().set_broker(broker)
+        if getattr(broker, _KICK_WRAPPED, False):
+            return
+        kick = broker.kick
+
+        async def kick_ending_failed_sends(message: BrokerMessage) -> None:
+            try:
+                await kick(message)
+            except BaseException as exc:
+                send = _sending.pop(message.task_id, None)
+                if send is not None:
+                    send.end(exc)
+                raise
+
+        broker.kick = kick_ending_failed_sends  # type: ignore[method-assign]
+        setattr(broker, _KICK_WRAPPED, True)
 
     def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
         """Start the send span and write the context into ``message.labels``."""
@@ -139,6 +239,7 @@ class CtxkitMiddleware(TaskiqMiddleware):
             kind=trace.SpanKind.PRODUCER,
             attributes={
                 "messaging.system": _SYSTEM,
+                "messaging.operation.name": "send",
                 "messaging.operation.type": "send",
                 "messaging.destination.name": message.task_name,
                 "messaging.message.id": message.task_id,
@@ -157,11 +258,10 @@ class CtxkitMiddleware(TaskiqMiddleware):
                 propagator=self._propagator,
                 max_vars_size=self._max_vars_size,
                 meter_provider=self._meter_provider,
+                message_id=message.task_id,
             )
         except BaseException as exc:
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            span.record_exception(exc)
-            span.set_attribute("error.type", type(exc).__qualname__)
+            _mark_error(span, exc)
             span.end()
             raise
         types: dict[str, int] | None = getattr(message, "labels_types", None)
@@ -171,14 +271,19 @@ class CtxkitMiddleware(TaskiqMiddleware):
                     types[key] = _STR_LABEL
                 else:
                     types.pop(key, None)
-        object.__setattr__(message, _SEND_SPAN, span)  # how taskiq's own OTel middleware does it
+        send = _Send(span)
+        _sending[message.task_id] = send
+        weakref.finalize(message, _end_unsent, send)
+        object.__setattr__(message, _SEND_SPAN, send)  # how taskiq's own OTel middleware does it
         return message
 
     def post_send(self, message: TaskiqMessage) -> None:
         """End the send span once the broker took the message."""
-        span = message.__dict__.pop(_SEND_SPAN, None)
-        if isinstance(span, trace.Span):
-            span.end()
+        send = message.__dict__.pop(_SEND_SPAN, None)
+        if isinstance(send, _Send):
+            if _sending.get(message.task_id) is send:
+                del _sending[message.task_id]
+            send.end()
 
     def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
         """Restore the labels' context in the worker task and start the consumer span."""
@@ -194,7 +299,9 @@ class CtxkitMiddleware(TaskiqMiddleware):
                 tracer_provider=self._tracer_provider,
                 max_vars_size=self._max_vars_size,
                 meter_provider=self._meter_provider,
-                attributes={"messaging.message.id": message.task_id},
+                message_id=message.task_id,
+                attempt=_attempt(message.labels),
+                retries=self._retries,
             )
             scope.__enter__()
         except Exception:  # e.g. a var registered later with a clashing name
@@ -203,8 +310,26 @@ class CtxkitMiddleware(TaskiqMiddleware):
                 message.task_name,
             )
             return message
-        _active.set((*_active.get(), (message.task_id, scope)))
+        execution = _Execution(scope)
+        _active.set((*_active.get(), (message.task_id, execution)))
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running loop: called outside a worker
+            task = None
+        if task is not None:
+            task.add_done_callback(execution.abandoned)
+            execution.task = task
         return message
+
+    def on_error(
+        self, message: TaskiqMessage, result: TaskiqResult[Any], exception: BaseException
+    ) -> None:
+        """Remember the task's exception: a retry middleware may replace it in ``result``."""
+        for task_id, execution in reversed(_active.get()):
+            if task_id == message.task_id:
+                if not isinstance(exception, NoResultError):
+                    execution.error = exception
+                return
 
     def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
         """End the consumer span (ERROR if the task raised) and restore the worker's context."""
@@ -214,18 +339,35 @@ class CtxkitMiddleware(TaskiqMiddleware):
                 break
         else:
             return
-        scope = active[index][1]
+        execution = active[index][1]
         _active.set(active[:index] + active[index + 1 :])
-        error = result.error if result.is_err else None
+        if execution.task is not None:  # an in-place broker's task may run many messages
+            execution.task.remove_done_callback(execution.abandoned)
+            execution.task = None
+        error = execution.error
+        if error is None and result.is_err and not isinstance(result.error, NoResultError):
+            error = result.error
         try:
-            if isinstance(error, BaseException) and not isinstance(error, NoResultError):
-                scope.__exit__(type(error), error, error.__traceback__)
+            if isinstance(error, BaseException):
+                execution.scope.__exit__(type(error), error, error.__traceback__)
             else:
-                scope.__exit__(None, None, None)
+                execution.scope.__exit__(None, None, None)
         except Exception:
             logger.exception(
                 "ctxkit could not leave the context of taskiq task %r", message.task_name
             )
+
+
+def _attempt(labels: Mapping[str, Any]) -> int:
+    """Return the attempt number from the retry middleware's label (1 if absent or bad)."""
+    raw = labels.get(_RETRIES_LABEL)
+    if isinstance(raw, bytes | bytearray):
+        raw = bytes(raw).decode("ascii", "replace")
+    if isinstance(raw, str) and raw.strip().isdigit() and len(raw) < 10:
+        return int(raw) + 1
+    if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < 10**9:
+        return raw + 1
+    return 1
 
 
 def _carrier(labels: Mapping[str, Any], keys: frozenset[str]) -> Mapping[str, Any]:

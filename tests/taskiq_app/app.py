@@ -14,24 +14,21 @@ sent by the producer must never be restored here.
 
 from __future__ import annotations
 
-import json
 import os
-import threading
 from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+import redis.asyncio
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
-from taskiq import TaskiqEvents, TaskiqState
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from taskiq import SimpleRetryMiddleware, TaskiqEvents, TaskiqState
 from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend
 
 import ctxkit
 from ctxkit.contrib.taskiq import CtxkitMiddleware
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
+from tests._spans import JsonlSpanExporter
 
 request_id: ContextVar[str] = ContextVar("request_id")
 tenant: ContextVar[object] = ContextVar("tenant")
@@ -51,47 +48,6 @@ def _propagation() -> Literal["child", "link", "none"]:
     return "child"
 
 
-def span_to_json(span: ReadableSpan) -> dict[str, object]:
-    """Return the parts of a finished span the tests check, as JSON-ready values."""
-    context = span.get_span_context()
-    assert context is not None
-    return {
-        "name": span.name,
-        "kind": span.kind.name,
-        "trace_id": f"{context.trace_id:032x}",
-        "span_id": f"{context.span_id:016x}",
-        "parent_span_id": None if span.parent is None else f"{span.parent.span_id:016x}",
-        "parent_trace_id": None if span.parent is None else f"{span.parent.trace_id:032x}",
-        "links": [
-            {"trace_id": f"{link.context.trace_id:032x}", "span_id": f"{link.context.span_id:016x}"}
-            for link in span.links
-        ],
-        "status": span.status.status_code.name,
-        "attributes": {key: _jsonable(value) for key, value in (span.attributes or {}).items()},
-        "events": [event.name for event in span.events],
-    }
-
-
-def _jsonable(value: object) -> object:
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-class JsonlSpanExporter(SpanExporter):
-    """Append each finished span as one JSON line to a file (flushed at once)."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._lock = threading.Lock()
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = "".join(json.dumps(span_to_json(span)) + "\n" for span in spans)
-        with self._lock, self._path.open("a", encoding="utf-8") as file:
-            file.write(lines)
-        return SpanExportResult.SUCCESS
-
-
 provider = TracerProvider()
 
 broker = (
@@ -100,7 +56,8 @@ broker = (
     .with_middlewares(
         CtxkitMiddleware(
             vars=(request_id, tenant), propagation=_propagation(), tracer_provider=provider
-        )
+        ),
+        SimpleRetryMiddleware(default_retry_count=5),
     )
 )
 
@@ -142,3 +99,16 @@ def observe_sync() -> dict[str, object]:
 async def fail() -> None:
     """Raise, so that the consumer span is marked ERROR; the worker must carry on."""
     raise RuntimeError(f"task failed for {request_id.get('?')}")
+
+
+@broker.task(task_name="flaky")
+async def flaky(key: str) -> dict[str, object]:
+    """Fail on the first two runs for ``key`` (counted in Redis), then return what it sees."""
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        runs = await client.incr(key)
+    finally:
+        await client.aclose()
+    if runs < 3:
+        raise RuntimeError(f"run {runs} of {key} failed")
+    return _observe()
