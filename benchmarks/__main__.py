@@ -29,6 +29,7 @@ CASES: dict[str, tuple[str, str]] = {
     "6": ("case_scaling", "cost per task from 1e3 to 1e6 tasks; drain and cancel at shutdown"),
     "7": ("case_trio", "spawn on trio vs nursery.start_soon and anyio"),
     "8": ("case_celery", "Celery per-job overhead vs opentelemetry-instrumentation-celery"),
+    "9": ("case_threads", "spawn from a thread; ContextExecutor vs a plain executor"),
 }
 
 _PACKAGES = (

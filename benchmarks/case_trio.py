@@ -92,7 +92,7 @@ def run(settings: Settings) -> list[CaseResult]:
             rounds=rounds,
             notes=[
                 "the issue sets no target for trio: ratios only",
-                "on trio ctxkit runs its tasks in an anyio task group owned by the runner",
+                "on trio each ctxkit task is a trio system task in its own cancel scope",
             ],
         )
 

@@ -7,7 +7,7 @@ from typing import Final
 
 from opentelemetry import trace
 
-from ._trace import fake_trace_id_var
+from ._trace import fake_trace_id_var, inherited_trace_id_var
 
 __all__ = ["TraceIdFilter", "logger"]
 
@@ -18,8 +18,9 @@ logger: Final = logging.getLogger("ctxkit")
 class TraceIdFilter(logging.Filter):
     """Add ``trace_id`` and ``span_id`` attributes to every log record it sees.
 
-    ``trace_id`` is ``ctxkit.current_trace_id()`` of the context that logs (the current valid
-    span's trace id, else the fake trace id of a ctxkit clone) and ``span_id`` is the current
+    ``trace_id`` is ``ctxkit.current_trace_id()`` of the context that logs (the fake trace id of
+    a consumed job's producer that had no span, else the current valid span's trace id, else the
+    fake trace id of a ctxkit clone) and ``span_id`` is the current
     valid span's id; each is ``""`` when there is none. The filter never drops a record, so a
     format such as ``"%(trace_id)s %(message)s"`` works in request and background code alike.
     Attach it to a *handler* (``handler.addFilter(TraceIdFilter())``) to cover records from
@@ -30,7 +31,11 @@ class TraceIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Add the ids to ``record`` and keep it."""
         span_context = trace.get_current_span().get_span_context()
-        if span_context.is_valid:
+        inherited = inherited_trace_id_var.get(None)
+        if inherited is not None:  # the producer's fake id wins, so both sides' logs join
+            trace_id = inherited
+            span_id = f"{span_context.span_id:016x}" if span_context.is_valid else ""
+        elif span_context.is_valid:
             trace_id = f"{span_context.trace_id:032x}"
             span_id = f"{span_context.span_id:016x}"
         else:

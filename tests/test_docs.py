@@ -54,6 +54,7 @@ OPTIONAL = {
     "opentelemetry.propagators.b3": "docs/propagation.md: the B3 propagator package",
     "sentry_sdk": "docs/faq.md: an error hook example",
     "arq": "docs/propagation.md: the arq recipe",
+    "flask": "docs/threads.md: a Flask app factory",
 }
 _OPEN = re.compile(r"^```(?P<lang>[\w-]*)(?P<info>.*)$")
 _TITLE = re.compile(r'title="(?P<title>[^"]+)"')

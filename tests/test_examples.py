@@ -51,9 +51,15 @@ def free_port() -> int:
 
 
 def command(app: str, port: int) -> list[str]:
-    """The command that serves ``examples/{app}_app.py``: aiohttp's own, else uvicorn."""
+    """The command that serves ``examples/{app}_app.py``: aiohttp's own, gunicorn for Flask,
+    else uvicorn."""
     if app == "aiohttp":
         return [sys.executable, str(EXAMPLES / "aiohttp_app.py"), "--port", str(port)]
+    if app == "flask":  # WSGI on gunicorn's sync workers, a RunnerThread in each
+        return [
+            *(sys.executable, "-m", "gunicorn", "-c", str(EXAMPLES / "gunicorn_conf.py")),
+            *("--chdir", str(EXAMPLES), "-b", f"127.0.0.1:{port}", "flask_app:app"),
+        ]
     return [
         *(sys.executable, "-m", "uvicorn", "--app-dir", str(EXAMPLES), f"{app}_app:app"),
         *("--host", "127.0.0.1", "--port", str(port), "--timeout-graceful-shutdown", "1"),

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
-from opentelemetry import trace
 
 import ctxkit
 
-from ._support import ASYNCIO_ONLY, assert_identity, noop
+from ._support import ASYNCIO_ONLY, assert_identity, is_closed, noop
 
 if TYPE_CHECKING:
+    from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -128,7 +128,7 @@ class TestSpawnFromAThread:
         coro = noop()
         with pytest.raises(ctxkit.NoRunnerError, match="RunnerThread"):
             ctxkit.spawn(coro)
-        assert coro.cr_frame is None
+        assert is_closed(coro)
 
     async def test_no_deadlock_while_the_loop_awaits_the_thread(
         self, make_runner: MakeRunner
@@ -206,10 +206,7 @@ class TestPlainFunctions:
             assert await second.wait() == "ok"
         assert first.result() != loop_thread
         assert second.result() == "X"
-        assert (
-            first.name
-            == "TestPlainFunctions.test_lambdas_and_partials_of_plain_functions_are_plain.<locals>.<lambda>"
-        )
+        assert first.name.endswith("<locals>.<lambda>")
         assert second.name == "str.upper"
 
     async def test_errors_of_plain_functions_are_reported(
@@ -282,7 +279,7 @@ class TestBind:
             request_id.set("changed inside")
             return result
 
-        def in_a_thread() -> tuple[str | None, str | None, str | None]:
+        def in_a_thread() -> object:
             with ThreadPoolExecutor(1) as pool:
                 return pool.submit(bound).result()
 
@@ -309,7 +306,7 @@ class TestBind:
 
     def test_async_functions_are_refused(self) -> None:
         """bind() of an async function raises TypeError pointing to spawn."""
-        with pytest.raises(TypeError, match="ctxkit.spawn"):
+        with pytest.raises(TypeError, match=r"ctxkit\.spawn"):
             ctxkit.bind(observe)
         with pytest.raises(TypeError, match="callable"):
             ctxkit.bind(42)  # type: ignore[arg-type]
@@ -409,14 +406,16 @@ class TestRunnerThread:
             request_id.set(label)
             ctxkit.spawn(work, label, vars=(request_id,))
 
-        with caplog.at_level(logging.INFO, logger="ctxkit"):
-            with ctxkit.RunnerThread(limit=10) as runner:
-                threads = [threading.Thread(target=plain_thread, args=(f"r{i}",)) for i in range(5)]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
-                sync_handle = runner.spawn(observe_sync)
+        with (
+            caplog.at_level(logging.INFO, logger="ctxkit"),
+            ctxkit.RunnerThread(limit=10) as runner,
+        ):
+            threads = [threading.Thread(target=plain_thread, args=(f"r{i}",)) for i in range(5)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            sync_handle = runner.spawn(observe_sync)
         assert sorted(results) == [f"r{i}" for i in range(5)]  # type: ignore[type-var]
         assert sync_handle.outcome == "ok"
         stats = runner.statistics()
