@@ -15,6 +15,9 @@ from ._errors import CtxkitError as CtxkitError
 from ._errors import NoRunnerError as NoRunnerError
 from ._errors import RunnerClosedError as RunnerClosedError
 from ._errors import RunnerFullError as RunnerFullError
+from ._errors import TaskCancelledError as TaskCancelledError
+from ._errors import TaskNotDoneError as TaskNotDoneError
+from ._errors import TaskTimeoutError as TaskTimeoutError
 from ._executor import ContextExecutor as ContextExecutor
 from ._executor import bind as bind
 from ._logging import TraceIdFilter as TraceIdFilter
@@ -28,6 +31,7 @@ from ._spawn import fire_and_forget as fire_and_forget
 from ._spawn import spawn as spawn
 from ._task import RunnerStatistics as RunnerStatistics
 from ._task import TaskFailure as TaskFailure
+from ._task import TaskInfo as TaskInfo
 from ._task import TaskOutcome as TaskOutcome
 from ._trace import current_trace_id as current_trace_id
 from ._version import __version__ as __version__
@@ -42,8 +46,12 @@ __all__ = [
     "RunnerFullError",
     "RunnerStatistics",
     "RunnerThread",
+    "TaskCancelledError",
     "TaskFailure",
+    "TaskInfo",
+    "TaskNotDoneError",
     "TaskOutcome",
+    "TaskTimeoutError",
     "TraceIdFilter",
     "__version__",
     "bind",

@@ -6,14 +6,33 @@ The hierarchy: each class also inherits the builtin a caller would already catch
     CtxkitError (Exception)
     ├── RunnerClosedError (RuntimeError)   spawn on a runner that is closing, closed or not open
     ├── RunnerFullError (RuntimeError)     spawn past ``limit`` running + ``pending_limit`` waiting
-    └── NoRunnerError (RuntimeError)       ctxkit.spawn with no runner to use (trio, no event loop)
+    ├── NoRunnerError (RuntimeError)       ctxkit.spawn with no runner to use (trio, no event loop)
+    ├── TaskNotDoneError (RuntimeError, asyncio.InvalidStateError)
+    │                                      result()/exception() of a task that has not ended
+    ├── TaskTimeoutError (TimeoutError)    await / result() of a task whose timeout passed
+    └── TaskCancelledError (asyncio.CancelledError)
+                                           await / result() of a task that was cancelled
+
+``TaskCancelledError`` is an ``asyncio.CancelledError``, as what awaiting a cancelled
+``asyncio.Task`` raises, so code that already handles that case handles it; it is also a
+``CtxkitError`` (and so an ``Exception``), which ``asyncio.CancelledError`` is not.
 
 Bad arguments raise the plain builtins ``TypeError`` and ``ValueError``.
 """
 
 from __future__ import annotations
 
-__all__ = ["CtxkitError", "NoRunnerError", "RunnerClosedError", "RunnerFullError"]
+import asyncio
+
+__all__ = [
+    "CtxkitError",
+    "NoRunnerError",
+    "RunnerClosedError",
+    "RunnerFullError",
+    "TaskCancelledError",
+    "TaskNotDoneError",
+    "TaskTimeoutError",
+]
 
 
 class CtxkitError(Exception):
@@ -30,3 +49,15 @@ class RunnerFullError(CtxkitError, RuntimeError):
 
 class NoRunnerError(CtxkitError, RuntimeError):
     """No runner can serve ``ctxkit.spawn`` here (no event loop, or trio without an open runner)."""
+
+
+class TaskNotDoneError(CtxkitError, RuntimeError, asyncio.InvalidStateError):
+    """``result()`` or ``exception()`` of a background task that has not ended yet."""
+
+
+class TaskTimeoutError(CtxkitError, TimeoutError):
+    """The awaited background task ended because its ``timeout`` passed."""
+
+
+class TaskCancelledError(CtxkitError, asyncio.CancelledError):
+    """The awaited background task was cancelled (``cancel()``, shutdown, or from outside)."""

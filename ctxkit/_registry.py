@@ -108,6 +108,10 @@ class ProcessRunners:
         with self._lock:
             self._runners = tuple(other for other in self._runners if other is not runner)
 
+    def snapshot(self) -> tuple[BackgroundRunner, ...]:
+        """Return the open runners, in opening order."""
+        return self._runners
+
     def first_accepting(self) -> BackgroundRunner | None:
         """Return the first-opened runner that still takes work from outside, or None."""
         for runner in self._runners:  # a tuple, replaced whole: safe to read without the lock

@@ -35,7 +35,14 @@ from opentelemetry.trace import Status, StatusCode
 
 from ._backends import current_native_task, open_backend
 from ._clone import build_clone, plan_for
-from ._errors import RunnerClosedError, RunnerFullError
+from ._dump import install_from_environment
+from ._errors import (
+    RunnerClosedError,
+    RunnerFullError,
+    TaskCancelledError,
+    TaskNotDoneError,
+    TaskTimeoutError,
+)
 from ._logging import logger
 from ._metrics import instruments_for
 from ._options import (
@@ -47,11 +54,11 @@ from ._options import (
     validate_options,
 )
 from ._registry import loop_runners, process_runners
-from ._task import RunnerStatistics, TaskFailure, TaskOutcome
+from ._task import RunnerStatistics, TaskFailure, TaskInfo, TaskOutcome
 from ._trace import fake_trace_id_var, get_tracer, start_span
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Coroutine, Iterable
+    from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
     from contextvars import Context
     from types import TracebackType
 
@@ -126,14 +133,15 @@ class BackgroundTask(Generic[T]):
     __slots__ = (
         "_context",
         "_coro",
-        "_done_event",
         "_flags",
         "_native",
+        "_on_done",
         "_outcome",
         "_result",
         "_runner",
         "_span",
         "_span_context",
+        "_spawned_at",
         "_started_at",
         "_timeout",
         "_trace_id",
@@ -161,13 +169,15 @@ class BackgroundTask(Generic[T]):
         # spawner's with span=False.
         self._span_context = span_context
         self._timeout = timeout
-        # When it was spawned, then (if it had to wait for a slot) when it started.
-        self._started_at = started_at
+        # When it was spawned, and when it started (the same unless it waited for a slot).
+        self._spawned_at = self._started_at = started_at
         self._flags = 0
         self._outcome: TaskOutcome | None = None
         # What the coroutine returned (outcome OK) or the exception it raised (ERROR).
         self._result: T | BaseException | None = None
-        self._done_event: anyio.Event | None = None
+        # What waits for its end: events of awaiters (set in bookkeeping) and done-callbacks
+        # (called with the reports).
+        self._on_done: list[anyio.Event | Callable[[BackgroundTask[T]], object]] | None = None
         # The backend's cancel handle for the running task (an asyncio.Task, a CancelScope).
         self._native: object = None
         # The fake trace id, kept apart from the context (which is dropped at the end).
@@ -203,32 +213,87 @@ class BackgroundTask(Generic[T]):
         """How the task ended, or None while it is pending or running."""
         return self._outcome
 
-    @property
-    def exception(self) -> BaseException | None:
-        """The exception the task raised (outcome ``"error"``), else None."""
-        if self._outcome is _ERROR:
-            return self._result  # type: ignore[return-value]
-        return None
-
     def done(self) -> bool:
         """Return True once the task has ended, whatever its outcome."""
         return self._outcome is not None
 
+    def cancelled(self) -> bool:
+        """Return True if the task ended cancelled (by ``cancel()``, shutdown or from outside).
+
+        A task that timed out is not "cancelled": its outcome is ``"timeout"``.
+        """
+        return self._outcome is _CANCELLED
+
     def result(self) -> T:
-        """Return what the task's coroutine returned.
+        """Return what the task's coroutine returned, as ``asyncio.Task.result()`` does.
 
         Raises:
-            RuntimeError: The task has not ended, or it ended without a result (timeout or
-                cancelled); the message says which.
+            TaskNotDoneError: The task has not ended yet.
+            TaskCancelledError: The task was cancelled.
+            TaskTimeoutError: The task's ``timeout`` passed.
             Exception: The task's own exception, when its outcome is ``"error"`` (it has
                 been reported already; re-raising it here does not report it again).
         """
         if self._outcome is _OK:
             return self._result  # type: ignore[return-value]
-        if self._outcome is _ERROR and isinstance(self._result, BaseException):
-            raise self._result
-        state = self._outcome or "still running"
-        raise RuntimeError(f"background task {self.name!r} has no result: {state}")
+        raise self._no_result()
+
+    def exception(self) -> BaseException | None:
+        """Return the exception the task raised, or None if it returned.
+
+        Raises:
+            TaskNotDoneError: The task has not ended yet.
+            TaskCancelledError: The task was cancelled.
+            TaskTimeoutError: The task's ``timeout`` passed.
+        """
+        if self._outcome is _OK:
+            return None
+        if self._outcome is _ERROR:
+            return self._result  # type: ignore[return-value]
+        raise self._no_result()
+
+    def _no_result(self) -> BaseException:
+        """The exception that ``result()`` raises for a task that did not return."""
+        if self._outcome is _ERROR:
+            assert isinstance(self._result, BaseException)
+            return self._result
+        if self._outcome is _CANCELLED:
+            return TaskCancelledError(f"background task {self.name!r} was cancelled")
+        if self._outcome is _TIMEOUT:
+            return TaskTimeoutError(
+                f"background task {self.name!r} timed out after {self._timeout}s"
+            )
+        return TaskNotDoneError(f"background task {self.name!r} has not ended yet")
+
+    def add_done_callback(self, fn: Callable[[BackgroundTask[T]], object]) -> None:
+        """Call ``fn(task)`` once the task has ended (soon, on the runner's loop, if it has).
+
+        The callback runs after the runner's bookkeeping, with the task's reports; an
+        exception it raises is logged on the ``ctxkit`` logger, never propagated.
+
+        Raises:
+            TypeError: ``fn`` is not callable.
+        """
+        if not callable(fn):
+            raise TypeError(f"add_done_callback() takes a callable, got {fn!r}")
+        if self._outcome is None:
+            if self._on_done is None:
+                self._on_done = []
+            self._on_done.append(fn)
+            return
+        self._runner._call_soon(lambda: _run_callback(self, fn))
+
+    def __await__(self) -> Generator[Any, None, T]:
+        """``await task``: wait for the end, then return the result or raise as ``result()``.
+
+        Awaiting cancels nothing: cancelling the awaiter leaves the task running. Await it
+        on the runner's own event loop (from another thread or loop: ``RuntimeError``).
+        """
+        return self._result_when_done().__await__()
+
+    async def _result_when_done(self) -> T:
+        await self.wait()
+        return self.result()
 
     def cancel(self) -> bool:
         """Ask the runner to cancel the task.
@@ -249,12 +314,23 @@ class BackgroundTask(Generic[T]):
     async def wait(self) -> TaskOutcome:
         """Wait until the task has ended and return its outcome; never raises its exception.
 
-        Cancelling the waiter does not cancel the task.
+        Cancelling the waiter does not cancel the task. ``await task`` waits the same way and
+        returns the result instead.
+
+        Raises:
+            RuntimeError: Awaited from another event loop or thread than the runner's.
         """
         if self._outcome is None:
-            if self._done_event is None:
-                self._done_event = anyio.Event()
-            await self._done_event.wait()
+            if not self._runner._on_its_loop():
+                raise RuntimeError(
+                    f"{self!r} belongs to another event loop or thread; await it on its "
+                    "runner's loop (or poll done() / add a done-callback)"
+                )
+            event = anyio.Event()
+            if self._on_done is None:
+                self._on_done = []
+            self._on_done.append(event)
+            await event.wait()
         assert self._outcome is not None
         return self._outcome
 
@@ -370,6 +446,7 @@ class BackgroundRunner:
         self._open(implicit=False)
         loop_runners().add(self)
         process_runners.add(self)
+        install_from_environment(process_runners)
         return self
 
     def _open(self, *, implicit: bool) -> None:
@@ -480,6 +557,21 @@ class BackgroundRunner:
             self._waiters.append(event)
             await event.wait()
 
+    def _on_its_loop(self) -> bool:
+        """Tell whether the calling code runs on this runner's event loop."""
+        return self._backend is not None and self._backend.is_current()
+
+    def _call_soon(self, fn: Callable[[], object]) -> None:
+        """Call ``fn()`` soon on the runner's loop; at once if that loop has gone."""
+        if self._backend is not None:
+            try:
+                self._backend.run_soon_threadsafe(fn)
+            except RuntimeError:  # the loop is closed, or its run ended
+                pass
+            else:
+                return
+        fn()
+
     def _busy(self) -> int:
         """Count the tasks that keep a drain waiting: running, pending, or on their way here."""
         return len(self._running) + self._pending_count + self._inbound
@@ -501,6 +593,25 @@ class BackgroundRunner:
             cancelled=self._cancelled,
             rejected=self._rejected,
         )
+
+    def tasks(self) -> list[TaskInfo]:
+        """Return a snapshot of the running tasks, oldest start first, then the pending ones.
+
+        Each ``TaskInfo`` has the task's name, state, seconds since spawn, seconds running and
+        trace id. It copies no more than that (cheap enough for a health endpoint: about a
+        microsecond per task) and may be called from any thread.
+        """
+        now = perf_counter()
+        running = [
+            TaskInfo(t.name, "running", now - t._spawned_at, now - t._started_at, t.trace_id)
+            for t in list(self._running)
+        ]
+        pending = [
+            TaskInfo(t.name, "pending", now - t._spawned_at, None, t.trace_id)
+            for t in list(self._pending)
+            if t._outcome is None
+        ]
+        return running + pending
 
     @property
     def closed(self) -> bool:
@@ -864,8 +975,10 @@ class BackgroundRunner:
         metrics.finished.add(1, attributes)
         if ran:
             metrics.duration.record(perf_counter() - task._started_at, attributes)
-        if task._done_event is not None:
-            task._done_event.set()
+        if task._on_done is not None:
+            for waiter in task._on_done:
+                if isinstance(waiter, anyio.Event):
+                    waiter.set()
         if self._waiters and self._busy() <= 1:
             waiters, self._waiters = self._waiters, []
             for event in waiters:
@@ -876,6 +989,11 @@ class BackgroundRunner:
         exception = value if outcome is _ERROR else None
         if task._span is not None:
             _end_span(task, task._span, outcome, exception)  # type: ignore[arg-type]
+        if task._on_done is not None:
+            waiters, task._on_done = task._on_done, None
+            for waiter in waiters:
+                if not isinstance(waiter, anyio.Event):
+                    _run_callback(task, waiter)
         if outcome is _OK:
             pass
         elif exception is not None:
@@ -1026,6 +1144,13 @@ def submit(
     else:
         runner._admit(task)
     return task
+
+
+def _run_callback(task: BackgroundTask[Any], fn: Callable[[BackgroundTask[Any]], object]) -> None:
+    try:
+        fn(task)
+    except Exception:
+        logger.exception("a done-callback of %r raised", task)
 
 
 def _end_span(

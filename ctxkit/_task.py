@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from ._runner import BackgroundTask
 
-__all__ = ["RunnerStatistics", "TaskFailure", "TaskOutcome"]
+__all__ = ["RunnerStatistics", "TaskFailure", "TaskInfo", "TaskOutcome"]
 
 
 class TaskOutcome(enum.StrEnum):
@@ -76,3 +76,22 @@ class RunnerStatistics:
     timeout: int
     cancelled: int
     rejected: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """One task of ``BackgroundRunner.tasks()``: a snapshot, safe to keep and to serialize.
+
+    Attributes:
+        name: The task's name.
+        state: ``"running"`` (started) or ``"pending"`` (waiting for a slot).
+        age: Seconds since it was spawned.
+        running_for: Seconds since it started; None while it is pending.
+        trace_id: The trace id its spans and log lines carry (see ``BackgroundTask.trace_id``).
+    """
+
+    name: str
+    state: Literal["pending", "running"]
+    age: float
+    running_for: float | None
+    trace_id: str | None

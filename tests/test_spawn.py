@@ -249,7 +249,7 @@ class TestNoEventLoop:
     def test_spawn_outside_an_event_loop(self) -> None:
         """ctxkit.spawn from sync code raises NoRunnerError and closes the coroutine."""
         coro = noop()
-        with pytest.raises(ctxkit.NoRunnerError, match="no async event loop"):
+        with pytest.raises(ctxkit.NoRunnerError, match="no event loop runs in this thread"):
             ctxkit.spawn(coro)
         assert is_closed(coro)
 

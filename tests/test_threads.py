@@ -221,7 +221,7 @@ class TestPlainFunctions:
         async with make_runner(on_error=failures.append) as runner:
             handle = runner.spawn(fails)
             assert await handle.wait() == "error"
-        assert isinstance(handle.exception, LookupError)
+        assert isinstance(handle.exception(), LookupError)
         assert [f.task for f in failures] == [handle]
         assert any("no such user" in r.getMessage() for r in caplog.records)
 
