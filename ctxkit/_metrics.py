@@ -7,7 +7,9 @@ The two gauges are observed at collection time from the runners that use the met
 callback, run on the metric reader's thread), so spawning and finishing a task costs no call
 for them; the other four are recorded as things happen.
 - ``ctxkit.tasks.finished`` (Counter, ``{task}``): ended tasks, by ``ctxkit.task.name`` and
-  ``ctxkit.task.outcome``.
+  ``ctxkit.task.outcome``. At most 256 distinct task names per meter are recorded; later
+  names are recorded as ``ctxkit.other``, so names built per call cannot grow the metric
+  without bound.
 - ``ctxkit.tasks.rejected`` (Counter, ``{task}``): spawns refused because the runner was full.
 - ``ctxkit.task.duration`` (Histogram, ``s``): how long tasks ran (start to end), same
   attributes as finished.
@@ -32,7 +34,10 @@ if TYPE_CHECKING:
 __all__ = ["Instruments", "instruments_for"]
 
 _NAME: Final = "ctxkit"
-_MAX_ATTRIBUTE_SETS: Final = 1024
+#: Distinct task names a meter records; later names fold into ``OVERFLOW_NAME``.
+MAX_TASK_NAMES: Final = 256
+#: The ``ctxkit.task.name`` of tasks whose name came after the first ``MAX_TASK_NAMES``.
+OVERFLOW_NAME: Final = "ctxkit.other"
 
 
 class Instruments:
@@ -40,7 +45,8 @@ class Instruments:
 
     __slots__ = (
         "__weakref__",
-        "_attribute_count",
+        "_names",
+        "_overflow",
         "_runners",
         "by_outcome",
         "duration",
@@ -85,22 +91,31 @@ class Instruments:
         self.by_outcome: dict[str, dict[str, dict[str, str]]] = {
             outcome: {} for outcome in ("ok", "error", "timeout", "cancelled")
         }
-        self._attribute_count = 0
+        #: The task names recorded so far (at most ``MAX_TASK_NAMES``).
+        self._names: set[str] = set()
+        self._overflow = {
+            outcome: {"ctxkit.task.name": OVERFLOW_NAME, "ctxkit.task.outcome": outcome}
+            for outcome in self.by_outcome
+        }
 
     def attributes(self, name: str, outcome: str) -> dict[str, str]:
         """Return the (shared, never mutated) attribute dict for a task name and outcome.
 
-        At most 1,024 sets are kept; past that, each call builds a new dict.
+        The cardinality is bounded: the first ``MAX_TASK_NAMES`` distinct names are recorded
+        as they are; every later one as ``OVERFLOW_NAME`` (a name built per call, such as
+        ``f"email-{user_id}"``, would otherwise make a new time series per task).
         """
         by_name = self.by_outcome[outcome]
         try:
             return by_name[name]
         except KeyError:
-            value = {"ctxkit.task.name": name, "ctxkit.task.outcome": outcome}
-            if self._attribute_count < _MAX_ATTRIBUTE_SETS:
-                by_name[name] = value
-                self._attribute_count += 1
-            return value
+            pass
+        if name not in self._names:
+            if len(self._names) >= MAX_TASK_NAMES:
+                return self._overflow[outcome]
+            self._names.add(name)
+        value = by_name[name] = {"ctxkit.task.name": name, "ctxkit.task.outcome": outcome}
+        return value
 
     def watch(self, runner: BackgroundRunner) -> None:
         """Count ``runner``'s running and pending tasks in the gauges from now on."""

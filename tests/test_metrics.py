@@ -198,3 +198,22 @@ class TestWait:
         assert point.count == 2
         assert point.min == 0.0
         assert point.max > 0.0
+
+
+@pytest.mark.anyio
+class TestCardinality:
+    async def test_task_names_beyond_the_cap_fold_into_one_value(
+        self, make_runner: Any, metric_reader: InMemoryMetricReader
+    ) -> None:
+        """Names built per call (email-{id}) make at most MAX_TASK_NAMES series, then one more."""
+        from ctxkit._metrics import MAX_TASK_NAMES, OVERFLOW_NAME
+
+        async with make_runner() as runner:
+            for index in range(MAX_TASK_NAMES + 100):
+                await runner.spawn(anyio.lowlevel.checkpoint, name=f"email-{index}")
+        finished = sums(read(metric_reader)["ctxkit.tasks.finished"])
+        names = {dict(attributes)["ctxkit.task.name"] for attributes in finished}
+        assert len(names) == MAX_TASK_NAMES + 1
+        assert OVERFLOW_NAME in names
+        assert finished[outcome(OVERFLOW_NAME, "ok")] == 100
+        assert sum(finished.values()) == MAX_TASK_NAMES + 100
