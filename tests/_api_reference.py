@@ -27,8 +27,10 @@ PAGE = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 MODULES = (
     "ctxkit",
     "ctxkit.propagation",
+    "ctxkit.sampling",
     "ctxkit.testing",
     "ctxkit.contrib.asgi",
+    "ctxkit.contrib.celery",
     "ctxkit.contrib.structlog",
     "ctxkit.contrib.taskiq",
 )
