@@ -279,3 +279,44 @@ class TestDumpOnSignal:
         assert "ctxkit tasks of <BackgroundRunner open running=1 pending=1" in stderr
         assert "long-export running" in stderr
         assert "queued-mail pending" in stderr
+
+
+class TestDumpInProcess:
+    """The dump handler itself, in this process (the subprocess test shows it end to end)."""
+
+    @pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="POSIX signals")
+    async def test_the_signal_logs_every_open_runner(
+        self,
+        make_runner: MakeRunner,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """CTXKIT_TASKS_SIGNAL=USR2: the signal logs each open runner's tasks at WARNING."""
+        from ctxkit import _dump
+
+        monkeypatch.setenv(_dump.ENVIRONMENT, "USR2")
+        monkeypatch.setattr(_dump, "_installed", set())
+        previous = signal.getsignal(signal.SIGUSR2)
+        release = anyio.Event()
+        try:
+            async with make_runner() as runner:
+                runner.spawn(wait_for, release, name="in-flight")
+                await anyio.lowlevel.checkpoint()
+                os.kill(os.getpid(), signal.SIGUSR2)
+                await anyio.sleep(0.05)  # the handler runs between bytecodes of this thread
+                release.set()
+        finally:
+            signal.signal(signal.SIGUSR2, previous)
+        (message,) = [r.getMessage() for r in caplog.records if "ctxkit tasks of" in r.getMessage()]
+        assert "in-flight running age=" in message
+
+    def test_a_bad_signal_name_is_logged_not_raised(
+        self, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A name that is no signal here is a WARNING, and nothing is installed."""
+        from ctxkit import _dump
+        from ctxkit._registry import process_runners
+
+        monkeypatch.setenv(_dump.ENVIRONMENT, "NOSUCH")
+        _dump.install_from_environment(process_runners)
+        assert any("names no signal" in r.getMessage() for r in caplog.records)
