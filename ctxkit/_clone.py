@@ -135,13 +135,13 @@ class _Plan:
     made from, returns a copy of that clone (``Context.copy()`` is O(1)); otherwise it builds
     one and keeps it in ``cache``, the one cache of the clone path.
 
-    The reader and the identity check are straight-line code generated for the selection (as
-    ``dataclasses`` does for ``__init__``), for every size: reading k ContextVars in a Python
-    loop costs several times what k unrolled ``.get()`` calls cost, on every spawn
-    (benchmarks/RESULTS.md, "clone plan" rows).
+    ``read`` and ``current`` are straight-line code generated for the selection (as
+    ``dataclasses`` does for ``__init__``), for every size, with no loop version beside them:
+    reading k ContextVars in a Python loop costs several times what k unrolled ``.get()``
+    calls cost, on every spawn (benchmarks/RESULTS.md says what it buys).
     """
 
-    __slots__ = ("cache", "read", "registered", "same", "vars")
+    __slots__ = ("cache", "current", "read", "registered", "vars")
 
     def __init__(self, selected: tuple[ContextVar[Any], ...]) -> None:
         self.vars = selected
@@ -164,35 +164,36 @@ class _Plan:
         names = [f"_v{i}" for i in range(count)]
         defaults = "".join(f"{name}={name}, " for name in names)
         gets = "".join(f"{name}.get(_M), " for name in names)
-        checks = " and ".join(f"a[{i}] is b[{i}]" for i in range(count)) or "True"
+        reads = "".join(f"    a{i} = _v{i}.get(_M)\n" for i in range(count))
+        values = "".join(f"a{i}, " for i in range(count))
+        hits = "".join(f" and v[{i}] is a{i}" for i in range(count))
         source = (
             f"def read({defaults}_M=_M):\n"
             f"    return ({gets})\n"
-            f"def same(a, b):\n"
-            f"    return {checks}\n"
+            f"def current({defaults}_M=_M, _P=_P, _O=_O, _F=_F, _B=_B, _N=_N):\n"
+            f"{reads}"
+            f"    o = _O()\n"
+            f"    f = _F.get(None)\n"
+            f"    c = _P.cache\n"
+            f"    if c is not None:\n"
+            f"        v = c[0]\n"
+            f"        if c[1]() is o and c[2] is f{hits}:\n"
+            f"            if c[5]:\n"
+            f"                return _N(c[3]), c[4]\n"
+            f"            return c[3].copy(), c[4]\n"
+            f"    return _B(_P, ({values}), o, f)\n"
         )
         namespace: dict[str, Any] = dict(zip(names, selected, strict=True))
-        namespace["_M"] = _MISSING
+        namespace.update(
+            _M=_MISSING, _P=self, _O=get_current, _F=fake_var, _B=_build_current, _N=_with_new_fake
+        )
         exec(source, namespace)  # the code is built from integers only, never from user text
+        #: The selected vars' values in the calling context (``_MISSING`` where unset).
         self.read: Callable[[], tuple[object, ...]] = namespace["read"]
-        self.same: Callable[[tuple[object, ...], tuple[object, ...]], bool] = namespace["same"]
-
-    def current(self) -> tuple[Context, trace.SpanContext]:
-        """Return the span-less clone of the calling context, and the span context in it."""
-        values = self.read()
-        otel = get_current()
-        fake = fake_var.get(None)
-        cached = self.cache
-        if (
-            cached is not None
-            and cached[1]() is otel
-            and cached[2] is fake
-            and self.same(cached[0], values)
-        ):
-            if cached[5]:
-                return _with_new_fake(cached[3]), cached[4]
-            return cached[3].copy(), cached[4]
-        return _current_clone(self, values, otel, fake)
+        #: The span-less clone of the calling context and the span context current in it: a
+        #: copy of ``cache``'s clone when the vars, OTel context and fake id are the very
+        #: objects it was made from, else a new one (kept in ``cache``).
+        self.current: Callable[[], tuple[Context, trace.SpanContext]] = namespace["current"]
 
 
 get_current: Final = otel_context.get_current
@@ -314,7 +315,7 @@ def _base(plan: _Plan, values: tuple[object, ...]) -> Context:
     return base
 
 
-def _current_clone(
+def _build_current(
     plan: _Plan, values: tuple[object, ...], otel_src: otel_context.Context, fake: str | None
 ) -> tuple[Context, trace.SpanContext]:
     """Build the span-less clone of a source with these selected values, OTel context, fake id.
@@ -373,7 +374,7 @@ def build_clone(
     else:
         values, otel_src, fake = _read(plan, source)
         if span is None:
-            return _current_clone(plan, values, otel_src, fake)
+            return _build_current(plan, values, otel_src, fake)
     current: trace.Span
     if span.get_span_context().is_valid:
         current = span

@@ -27,11 +27,20 @@ __all__ = ["LoopRunners", "loop_runners", "process_runners"]
 class LoopRunners:
     """The runners of one event loop."""
 
-    __slots__ = ("__weakref__", "ever_opened", "implicit", "implicit_allowed", "runners")
+    __slots__ = (
+        "__weakref__",
+        "ever_opened",
+        "first_open",
+        "implicit",
+        "implicit_allowed",
+        "runners",
+    )
 
     def __init__(self, implicit_allowed: bool) -> None:
         #: Entered runners not yet closed, in opening order.
         self.runners: list[BackgroundRunner] = []
+        #: The first of them still taking work from outside (``refresh`` keeps it so).
+        self.first_open: BackgroundRunner | None = None
         #: The loop's implicit runner, once made.
         self.implicit: BackgroundRunner | None = None
         #: Whether a runner was ever entered here (then no implicit runner is made).
@@ -43,11 +52,17 @@ class LoopRunners:
         """Record an entered runner."""
         self.runners.append(runner)
         self.ever_opened = True
+        self.refresh()
 
     def remove(self, runner: BackgroundRunner) -> None:
         """Forget a closed runner."""
         if runner in self.runners:
             self.runners.remove(runner)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Work out ``first_open`` again (a runner was added, removed, or stopped accepting)."""
+        self.first_open = next((runner for runner in self.runners if runner.accepting), None)
 
 
 _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopRunners] = (

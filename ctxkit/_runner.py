@@ -85,19 +85,17 @@ _OK: Final = TaskOutcome.OK
 _ERROR: Final = TaskOutcome.ERROR
 _TIMEOUT: Final = TaskOutcome.TIMEOUT
 _CANCELLED: Final = TaskOutcome.CANCELLED
-_OUTCOME_VALUES: Final = {outcome: outcome.value for outcome in TaskOutcome}
+#: By ``id()``: ``TaskOutcome`` members hash in Python code (``Enum.__hash__``), ids in C.
+_OUTCOME_VALUES: Final = {id(outcome): outcome.value for outcome in TaskOutcome}
 
 #: Bits of ``BackgroundTask._flags``.
 _STARTED: Final = 1  # its first step ran
 _CANCEL_REQUESTED: Final = 2  # cancel() was called: by the user or the runner's shutdown
 
-#: (handle, the loop's own object for the task) of the background task whose code runs now.
-#: Plain child tasks of a background task inherit the var; the second item tells them apart.
-_current: ContextVar[tuple[BackgroundTask[Any], object]] = ContextVar("ctxkit.current_task")
-
-
-#: What ``_current`` holds in a task's context once the task has ended.
-_NO_TASK: Final[tuple[Any, object]] = (None, object())
+#: The handle of the background task whose code runs now, set in the task's own context. Plain
+#: child tasks of a background task inherit the var; the handle's ``_native`` (the loop's own
+#: object for the task, None once it ended) tells them apart.
+_current: ContextVar[BackgroundTask[Any]] = ContextVar("ctxkit.current_task")
 
 
 def current_task() -> BackgroundTask[Any] | None:
@@ -106,16 +104,21 @@ def current_task() -> BackgroundTask[Any] | None:
     A plain task started by a background task (``asyncio.create_task``, a nursery) is not
     the background task: there this returns None.
     """
-    entry = _current.get(None)
-    if entry is not None and entry[1] is current_native_task():
-        return entry[0]
+    task = _current.get(None)
+    if task is not None and task._native is not None and task._native is current_native_task():
+        return task
     return None
 
 
 def own_runner() -> BackgroundRunner | None:
     """Return the runner of the background task running this code, if it has not closed."""
-    task = current_task()
-    if task is None or task._runner._state == "closed":
+    task = _current.get(None)  # current_task(), inlined: ctxkit.spawn's hot path
+    if (
+        task is None
+        or task._native is None
+        or task._native is not current_native_task()
+        or task._runner._state == "closed"
+    ):
         return None
     return task._runner
 
@@ -144,7 +147,6 @@ class BackgroundTask(Generic[T]):
         "_spawned_at",
         "_started_at",
         "_timeout",
-        "_trace_id",
         "name",
     )
 
@@ -165,9 +167,12 @@ class BackgroundTask(Generic[T]):
         self._coro: Coroutine[object, object, T] | None = coro
         self._context: Context | None = context
         self._span = span
-        # The span context current in the task (for its trace id): the task span's, or the
-        # spawner's with span=False.
-        self._span_context = span_context
+        # For its trace id: the span context current in the task (the task span's, or the
+        # spawner's with span=False), or when none is valid the task's fake trace id (kept
+        # here, not read from the context, which is dropped at the end).
+        self._span_context: trace.SpanContext | str | None = (
+            span_context if span_context.is_valid else context.get(fake_trace_id_var)
+        )
         self._timeout = timeout
         # When it was spawned, and when it started (the same unless it waited for a slot).
         self._spawned_at = self._started_at = started_at
@@ -180,10 +185,6 @@ class BackgroundTask(Generic[T]):
         self._on_done: list[anyio.Event | Callable[[BackgroundTask[T]], object]] | None = None
         # The backend's cancel handle for the running task (an asyncio.Task, a CancelScope).
         self._native: object = None
-        # The fake trace id, kept apart from the context (which is dropped at the end).
-        self._trace_id: str | None = (
-            None if span_context.is_valid else context.get(fake_trace_id_var)
-        )
 
     def __repr__(self) -> str:
         state = self._outcome or ("running" if self._flags & _STARTED else "pending")
@@ -197,9 +198,10 @@ class BackgroundTask(Generic[T]):
         ``"none"`` a new one); without, the spawner's trace id, or the fake trace id of the
         task's context when no valid span was current.
         """
-        if self._span_context.is_valid:
-            return f"{self._span_context.trace_id:032x}"
-        return self._trace_id
+        span_context = self._span_context
+        if span_context is None or type(span_context) is str:
+            return span_context
+        return f"{span_context.trace_id:032x}"  # type: ignore[union-attr]
 
     @property
     def span_context(self) -> trace.SpanContext:
@@ -413,8 +415,11 @@ class BackgroundRunner:
         self._metrics = instruments_for(meter_provider)
         self._state: _State = "new"
         self._backend: Backend | None = None
+        # The backend's loop identity and how to read the caller's (see Backend.owner).
+        self._owner: object = None
+        self._current_owner: Callable[[], object] = _no_owner
         # Running tasks in start order (a dict, not a set): the summary names the oldest first.
-        self._running: dict[BackgroundTask[Any], None] = {}
+        self._running: dict[BackgroundTask[Any], bool] = {}
         # Waiting tasks in spawn order; a cancelled one stays until popped (cancel is O(1)),
         # so the live count is kept apart.
         self._pending: deque[BackgroundTask[Any]] = deque()
@@ -451,7 +456,11 @@ class BackgroundRunner:
 
     def _open(self, *, implicit: bool) -> None:
         """Bind to the event loop running in this thread and start taking work."""
-        self._backend = open_backend(self._task_started, self._task_ended, watch_unstarted=implicit)
+        self._backend = backend = open_backend(
+            self._task_started, self._finish, watch_unstarted=implicit
+        )
+        self._owner = backend.owner
+        self._current_owner = backend.current_owner
         self._implicit = implicit
         self._state = "open"
         self._metrics.watch(self)
@@ -477,6 +486,8 @@ class BackgroundRunner:
     async def _shutdown(self, *, skip_drain: bool) -> None:
         with self._lock:  # from now on no other thread's spawn is accepted
             self._state = "draining"
+        if not self._implicit:
+            loop_runners().refresh()  # ctxkit.spawn picks another runner of the loop now
         reason: str | None = "the task holding the runner was cancelled"
         try:
             if not skip_drain:
@@ -761,9 +772,23 @@ class BackgroundRunner:
         )
 
     def _admit(self, task: BackgroundTask[Any]) -> None:
-        """Count an accepted task and start it, or queue it when ``limit`` tasks run."""
-        if self._count_in(task):
-            self._launch(task)
+        """Count an accepted task and start it, or queue it when ``limit`` tasks run.
+
+        ``_count_in`` then ``_launch``, inlined: the hot path of every spawn on the loop.
+        """
+        self._spawned += 1
+        limit = self._limit
+        if limit is not None and len(self._running) >= limit:
+            self._pending.append(task)
+            self._pending_count += 1
+            return
+        self._running[task] = True
+        self._metrics.wait.record(0.0)
+        backend = self._backend
+        assert backend is not None
+        native = backend.start(task, task._coro, task._context, task.name, task._timeout)  # type: ignore[arg-type]
+        if task._native is None and task._outcome is None:
+            task._native = native  # until it runs (and says what cancels it)
 
     def _count_in(self, task: BackgroundTask[Any]) -> bool:
         """Count an accepted task as running (True: start it now) or queue it (False)."""
@@ -773,7 +798,7 @@ class BackgroundRunner:
             self._pending.append(task)
             self._pending_count += 1
             return False
-        self._running[task] = None
+        self._running[task] = True
         return True
 
     def _launch(self, task: BackgroundTask[Any]) -> None:
@@ -877,7 +902,7 @@ class BackgroundRunner:
                 task._started_at = now
                 if task._span is not None:
                     task._span.add_event("ctxkit.task.started", {"ctxkit.task.wait_s": waited})
-                running[task] = None
+                running[task] = True
                 self._metrics.wait.record(waited)
                 assert task._coro is not None
                 assert task._context is not None
@@ -889,41 +914,21 @@ class BackgroundRunner:
 
     # -- the backend's two callbacks ---------------------------------------------------------
 
-    def _task_started(self, task: object, native: object) -> bool:
-        """First thing in a task, in its context: False if it was cancelled before it ran."""
-        assert isinstance(task, BackgroundTask)
+    def _task_started(self, task: Any, native: object) -> bool:
+        """First thing in a task, in its context: False if it was cancelled before it ran.
+
+        ``native`` is the loop's own object for the task, or None when ``start`` returned it
+        already (else, as in an eager first step, it is looked up).
+        """
         if task._flags & _CANCEL_REQUESTED:
             return False
-        task._native = native
+        if native is not None:
+            task._native = native
+        elif task._native is None:
+            task._native = current_native_task()
         task._flags |= _STARTED
-        _current.set((task, current_native_task()))
+        _current.set(task)
         return True
-
-    def _task_ended(self, task: object, outcome: TaskOutcome, value: object) -> None:
-        """Finish a task that ran (or was started): bookkeeping first, then its reports."""
-        assert isinstance(task, BackgroundTask)
-        if task._outcome is not None:
-            return  # reported twice (an implicit runner's done-callback): the first counts
-        if outcome is _OK and task._flags & _CANCEL_REQUESTED:
-            outcome, value = _CANCELLED, None  # it returned although it was cancelled
-        del self._running[task]
-        self._record(task, outcome, value, ran=True)
-        if (
-            outcome is _CANCELLED
-            and self._implicit
-            and self._torn_down is None
-            and not task._flags & _CANCEL_REQUESTED
-        ):
-            self._check_teardown(task)
-        if self._pending_count:
-            self._start_next()
-        try:
-            self._report(task, outcome, value)
-        finally:
-            if task._flags & _STARTED:
-                # Called in the task's own context, whose var holds the loop's task object,
-                # which holds the context: break that cycle, so both are freed at once.
-                _current.set(_NO_TASK)
 
     def _cancel(self, task: BackgroundTask[Any]) -> None:
         """Cancel ``task`` (called by ``BackgroundTask.cancel`` for a task not yet ended)."""
@@ -936,41 +941,52 @@ class BackgroundRunner:
                 # Cancelled by something else before it ran: it never will, so end it here.
                 assert task._coro is not None
                 task._coro.close()
-                self._task_ended(task, _CANCELLED, None)
+                self._finish(task, _CANCELLED, None)
             # else: started but not yet run; its first step sees the flag and ends at once
             return
         # Pending: it never ran. It stays in the queue until popped (see _start_next).
         self._pending_count -= 1
         assert task._coro is not None
         task._coro.close()
-        self._record(task, _CANCELLED, None, ran=False)
-        self._report(task, _CANCELLED, None)
+        self._finish(task, _CANCELLED, None)
         if len(self._pending) > 2 * self._pending_count + 64:
             self._pending = deque(self._live_pending())
 
     # -- finishing ---------------------------------------------------------------------------
 
-    def _record(
-        self, task: BackgroundTask[Any], outcome: TaskOutcome, value: object, *, ran: bool
-    ) -> None:
-        """Bookkeeping of a task's end (no user code): handle, counters, metrics, waiters."""
+    def _finish(self, task: Any, outcome: TaskOutcome, value: object) -> None:
+        """Finish a task: all bookkeeping first (no user code), then its reports.
+
+        The backend calls it when a task's coroutine has ended (``value`` is the result, or
+        for ERROR the exception); the core when it ends a task that never ran. Bookkeeping:
+        the handle, the counters and metrics, waking awaiters and drains, starting queued
+        tasks. Then ``_report``: the span, a log line, ``on_error``, done-callbacks.
+        """
+        if task._outcome is not None:
+            return  # reported twice (an implicit runner's done-callback): the first counts
+        flags = task._flags
+        if flags & _CANCEL_REQUESTED and outcome is _OK:
+            outcome, value = _CANCELLED, None  # it returned although it was cancelled
+        ran = self._running.pop(task, False)  # False: it was pending
         task._outcome = outcome
         task._result = value
         task._coro = None
         task._context = None
-        task._native = None
         if outcome is _OK:
             self._ok += 1
-        elif outcome is _ERROR:
-            self._error += 1
-        elif outcome is _TIMEOUT:
-            self._timeout += 1
+            value_name = "ok"
         else:
-            self._cancelled += 1
+            if outcome is _ERROR:
+                self._error += 1
+            elif outcome is _TIMEOUT:
+                self._timeout += 1
+            else:
+                self._cancelled += 1
+            value_name = _OUTCOME_VALUES[id(outcome)]
         metrics = self._metrics
-        value_name = _OUTCOME_VALUES[outcome]  # Enum.value is a slow property on Python 3.11
-        attributes = metrics.by_outcome[value_name].get(task.name) or metrics.attributes(
-            task.name, value_name
+        name = task.name
+        attributes = metrics.by_outcome[value_name].get(name) or metrics.attributes(
+            name, value_name
         )
         metrics.finished.add(1, attributes)
         if ran:
@@ -983,6 +999,27 @@ class BackgroundRunner:
             waiters, self._waiters = self._waiters, []
             for event in waiters:
                 event.set()
+        if (
+            outcome is _CANCELLED
+            and self._implicit
+            and self._torn_down is None
+            and not flags & _CANCEL_REQUESTED
+        ):
+            self._check_teardown(task)
+        if self._pending_count:
+            self._start_next()
+        if (
+            outcome is not _OK
+            or task._span is not None
+            or task._on_done is not None
+            or self._torn_down is not None
+        ):
+            try:
+                self._report(task, outcome, value)  # current_task() is still the task here
+            finally:
+                task._native = None
+        else:
+            task._native = None  # the loop's task object: let it (and its context) go
 
     def _report(self, task: BackgroundTask[Any], outcome: TaskOutcome, value: object) -> None:
         """Tell the world how ``task`` ended: its span, a log line, ``on_error``."""
@@ -1109,10 +1146,9 @@ def submit(
         ):
             timeout = validate_options(propagation, span, timeout, name)
         plan = plan_for(vars, "spawn")
-        backend = runner._backend
-        if runner._state != "open" or backend is None:
+        if runner._state != "open":
             runner._check_accepting()
-        elif not backend.is_current():
+        elif runner._current_owner() is not runner._owner:
             runner._reserve_from_thread()
             from_thread = True
         else:
@@ -1135,7 +1171,9 @@ def submit(
             propagation,
             attributes={"ctxkit.async": True, "ctxkit.task.name": name},
         )
-    context, span_context = build_clone(plan, None, task_span, propagation)
+        context, span_context = build_clone(plan, None, task_span, propagation)
+    else:
+        context, span_context = plan.current()
     task = BackgroundTask(
         runner, coro, name, context, task_span, span_context, timeout, perf_counter()
     )
@@ -1144,6 +1182,10 @@ def submit(
     else:
         runner._admit(task)
     return task
+
+
+def _no_owner() -> object:
+    return _no_owner  # never a loop: a runner that was not opened owns none
 
 
 def _run_callback(task: BackgroundTask[Any], fn: Callable[[BackgroundTask[Any]], object]) -> None:
@@ -1159,7 +1201,7 @@ def _end_span(
     outcome: TaskOutcome,
     exception: BaseException | None,
 ) -> None:
-    span.set_attribute("ctxkit.task.outcome", _OUTCOME_VALUES[outcome])
+    span.set_attribute("ctxkit.task.outcome", _OUTCOME_VALUES[id(outcome)])
     if exception is not None:
         span.set_status(Status(StatusCode.ERROR, f"{type(exception).__name__}: {exception}"))
         span.record_exception(exception)

@@ -55,10 +55,7 @@ def current_runner() -> BackgroundRunner:
         state = loop_runners()
     except NoRunnerError:
         return _process_runner()
-    for runner in state.runners:
-        if runner.accepting:
-            return runner
-    return _fallback(state)
+    return state.first_open or _fallback(state)
 
 
 def _process_runner() -> BackgroundRunner:

@@ -351,13 +351,13 @@ class TestCloneCache:
         for index, var in enumerate(many):
             var.set(index)
         builds: list[object] = []
-        real = _clone._current_clone
+        real = _clone._build_current
 
         def counting(*args: Any) -> Any:
             builds.append(args)
             return real(*args)
 
-        monkeypatch.setattr(_clone, "_current_clone", counting)
+        monkeypatch.setattr(_clone, "_build_current", counting)
         clones = [ctxkit.clone_without_span(*many) for _ in range(1000)]
         assert len(builds) == 1
         assert all(clone.run(many[39].get) == 39 for clone in clones[:3])

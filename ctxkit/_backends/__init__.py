@@ -44,6 +44,18 @@ class Backend(Protocol):
     def is_current(self) -> bool:
         """Tell whether the calling code runs on this backend's loop, in its thread."""
 
+    @property
+    def owner(self) -> object:
+        """The loop's identity: ``current_owner()`` returns it exactly when ``is_current()``."""
+
+    @property
+    def current_owner(self) -> Callable[[], object]:
+        """A cheap function returning the identity of the loop running in the calling thread.
+
+        ``current_owner() is owner`` is ``is_current()``, for the core's hot path (on asyncio
+        it is ``asyncio._get_running_loop``, a C function).
+        """
+
     def start(
         self,
         task: object,

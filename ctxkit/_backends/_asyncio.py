@@ -50,6 +50,14 @@ class AsyncioBackend:
     def is_current(self) -> bool:
         return asyncio._get_running_loop() is self._loop
 
+    @property
+    def owner(self) -> object:
+        return self._loop
+
+    @property
+    def current_owner(self) -> Callable[[], object]:
+        return asyncio._get_running_loop
+
     def start(
         self,
         task: object,
@@ -58,9 +66,10 @@ class AsyncioBackend:
         name: str,
         timeout: float | None,
     ) -> object:
-        impl = self._loop.create_task(
-            _run(self._started, self._finished, task, coro, timeout), name=name, context=context
+        wrapper = (
+            _run(self, task, coro) if timeout is None else _run_timed(self, task, coro, timeout)
         )
+        impl = self._loop.create_task(wrapper, name=name, context=context)
         if self._watch:
             finished = self._finished
 
@@ -105,43 +114,67 @@ class AsyncioBackend:
 
 
 async def _run(
-    started: Callable[[object, object], bool],
-    finished: Callable[[object, TaskOutcome, object], None],
-    task: object,
-    coro: Coroutine[object, object, object],
-    timeout: float | None,
+    backend: AsyncioBackend, task: object, coro: Coroutine[object, object, object]
 ) -> None:
-    """The coroutine of a background task's ``asyncio.Task``: run ``coro``, report its end."""
-    if not started(task, current_task()):
+    """The coroutine of a background task's ``asyncio.Task``: run ``coro``, report its end.
+
+    Few locals on purpose: its frame is part of the memory each running task holds. The core
+    learns the ``asyncio.Task`` from ``start`` (or, in an eager first step, looks it up).
+    """
+    if not backend._started(task, None):
         coro.close()
-        finished(task, _CANCELLED, None)
+        backend._finished(task, _CANCELLED, None)
         return
-    deadline = None if timeout is None else asyncio.timeout(timeout)
     try:
-        if deadline is None:
-            result = await coro
-        else:
-            async with deadline:
-                result = await coro
+        result = await coro
     except asyncio.CancelledError:
-        finished(task, _CANCELLED, None)
+        backend._finished(task, _CANCELLED, None)
         raise
     except Exception as exc:
-        if deadline is not None and deadline.expired() and isinstance(exc, TimeoutError):
-            finished(task, _TIMEOUT, None)
-        else:
-            finished(task, _ERROR, _without_this_frame(exc))
+        backend._finished(task, _ERROR, _without_this_frame(exc))
     except BaseException as exc:
-        # KeyboardInterrupt, SystemExit: reported, then re-raised for the loop to stop on; the
-        # done-callback retrieves it, so asyncio does not log it again as never retrieved.
-        finished(task, _ERROR, _without_this_frame(exc))
-        impl = current_task()
-        if impl is not None:
-            impl.add_done_callback(_retrieve)
+        _fatal(backend, task, exc)
         raise
     else:
-        expired = deadline is not None and deadline.expired()
-        finished(task, _TIMEOUT if expired else _OK, result)
+        backend._finished(task, _OK, result)
+
+
+async def _run_timed(
+    backend: AsyncioBackend, task: object, coro: Coroutine[object, object, object], timeout: float
+) -> None:
+    """``_run`` under ``asyncio.timeout``: the outcome is ``TIMEOUT`` when the deadline hit."""
+    if not backend._started(task, None):
+        coro.close()
+        backend._finished(task, _CANCELLED, None)
+        return
+    deadline = asyncio.timeout(timeout)
+    try:
+        async with deadline:
+            result = await coro
+    except asyncio.CancelledError:
+        backend._finished(task, _CANCELLED, None)
+        raise
+    except Exception as exc:
+        if deadline.expired() and isinstance(exc, TimeoutError):
+            backend._finished(task, _TIMEOUT, None)
+        else:
+            backend._finished(task, _ERROR, _without_this_frame(exc))
+    except BaseException as exc:
+        _fatal(backend, task, exc)
+        raise
+    else:
+        backend._finished(task, _TIMEOUT if deadline.expired() else _OK, result)
+
+
+def _fatal(backend: AsyncioBackend, task: object, exc: BaseException) -> None:
+    """Report a task's KeyboardInterrupt/SystemExit before it is re-raised for the loop.
+
+    The done-callback retrieves it, so asyncio does not log it again as never retrieved.
+    """
+    backend._finished(task, _ERROR, _without_this_frame(exc))
+    impl = current_task()
+    if impl is not None:
+        impl.add_done_callback(_retrieve)
 
 
 def _without_this_frame(exc: BaseException) -> BaseException:
@@ -151,9 +184,12 @@ def _without_this_frame(exc: BaseException) -> BaseException:
     cycle that only the cyclic GC frees, keeping the task's values alive until then).
     """
     tb = exc.__traceback__
-    if tb is not None and tb.tb_frame.f_code is _run.__code__:
+    if tb is not None and tb.tb_frame.f_code in _WRAPPERS:
         exc.__traceback__ = tb.tb_next
     return exc
+
+
+_WRAPPERS: Final = frozenset({_run.__code__, _run_timed.__code__})
 
 
 def _retrieve(impl: asyncio.Task[None]) -> None:

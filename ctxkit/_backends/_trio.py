@@ -35,7 +35,7 @@ _CANCELLED: Final = TaskOutcome.CANCELLED
 class TrioBackend:
     """Start and cancel the tasks of one runner in the current trio run."""
 
-    __slots__ = ("_fatal", "_finished", "_host", "_started", "_token")
+    __slots__ = ("_fatal", "_finished", "_host", "_scopes", "_started", "_token")
 
     name: Final = "trio"
 
@@ -48,15 +48,22 @@ class TrioBackend:
         self._started = started
         self._finished = finished
         self._fatal: BaseException | None = None
+        # The cancel scope of each running task, by its trio task (the core's handle for it).
+        self._scopes: dict[object, trio.CancelScope] = {}
         # Entered here, in the task entering the runner; exited by exit(), in the same task.
         self._host: trio.CancelScope | None = trio.CancelScope()
         self._host.__enter__()
 
     def is_current(self) -> bool:
-        try:
-            return trio.lowlevel.current_trio_token() is self._token
-        except RuntimeError:
-            return False
+        return _current_token() is self._token
+
+    @property
+    def owner(self) -> object:
+        return self._token
+
+    @property
+    def current_owner(self) -> Callable[[], object]:
+        return _current_token
 
     def start(
         self,
@@ -73,9 +80,10 @@ class TrioBackend:
         return False  # nothing but its runner can cancel a system task before it runs
 
     def cancel(self, native: object) -> None:
-        scope: trio.CancelScope = native  # type: ignore[assignment]
-        scope.deadline = math.inf  # an explicit cancel, not the timeout (see _run)
-        scope.cancel()
+        scope = self._scopes.get(native)
+        if scope is not None:
+            scope.deadline = math.inf  # an explicit cancel, not the timeout (see _run)
+            scope.cancel()
 
     def run_soon_threadsafe(self, fn: Callable[[], object]) -> None:
         self._token.run_sync_soon(fn)
@@ -105,25 +113,31 @@ class TrioBackend:
         self, task: object, coro: Coroutine[object, object, object], timeout: float | None
     ) -> None:
         finished = self._finished
+        me = trio.lowlevel.current_task()
         with trio.CancelScope() as scope:
             if timeout is not None:
                 scope.deadline = trio.current_time() + timeout
-            if not self._started(task, scope):
+            if not self._started(task, me):
                 coro.close()
                 finished(task, _CANCELLED, None)
                 return
+            self._scopes[me] = scope
             try:
                 result = await coro
             except trio.Cancelled:
+                del self._scopes[me]
                 finished(task, _TIMEOUT if _expired(scope) else _CANCELLED, None)
                 raise
             except Exception as exc:
+                del self._scopes[me]
                 finished(task, _ERROR, _without_this_frame(exc))
                 return
             except BaseException as exc:
+                del self._scopes[me]
                 finished(task, _ERROR, _without_this_frame(exc))
                 self._crash(exc)
                 return
+            del self._scopes[me]
             finished(task, _TIMEOUT if _expired(scope) else _OK, result)
 
     def _crash(self, exc: BaseException) -> None:
@@ -133,6 +147,14 @@ class TrioBackend:
         if self._fatal is None:
             self._fatal = exc
         self._host.cancel()
+
+
+def _current_token() -> object:
+    """The token of the trio run in this thread, or None."""
+    try:
+        return trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return None
 
 
 def _expired(scope: trio.CancelScope) -> bool:
