@@ -112,32 +112,35 @@ class TrioBackend:
     async def _run(
         self, task: object, coro: Coroutine[object, object, object], timeout: float | None
     ) -> None:
+        # No local holds the trio task: this frame may outlive the run (a traceback of the
+        # task's exception reaches it), and the trio task holds the task's context.
         finished = self._finished
-        me = trio.lowlevel.current_task()
+        scopes = self._scopes
+        current = trio.lowlevel.current_task
         with trio.CancelScope() as scope:
             if timeout is not None:
                 scope.deadline = trio.current_time() + timeout
-            if not self._started(task, me):
+            if not self._started(task, current()):
                 coro.close()
                 finished(task, _CANCELLED, None)
                 return
-            self._scopes[me] = scope
+            scopes[current()] = scope
             try:
                 result = await coro
             except trio.Cancelled:
-                del self._scopes[me]
+                del scopes[current()]
                 finished(task, _TIMEOUT if _expired(scope) else _CANCELLED, None)
                 raise
             except Exception as exc:
-                del self._scopes[me]
+                del scopes[current()]
                 finished(task, _ERROR, _without_this_frame(exc))
                 return
             except BaseException as exc:
-                del self._scopes[me]
+                del scopes[current()]
                 finished(task, _ERROR, _without_this_frame(exc))
                 self._crash(exc)
                 return
-            del self._scopes[me]
+            del scopes[current()]
             finished(task, _TIMEOUT if _expired(scope) else _OK, result)
 
     def _crash(self, exc: BaseException) -> None:
