@@ -14,7 +14,7 @@ FUZZ_ARGS ?=
 # The interpreters of the matrix (found with pyenv by scripts/venv.sh), one venv each.
 MATRIX_PYTHONS ?= 3.12 3.13
 # A suite run that takes longer than this many seconds is interrupted (a hang fails clearly).
-SUITE_TIMEOUT ?= 1500
+SUITE_TIMEOUT ?= 900
 RUN_SUITE = timeout --signal=INT --kill-after=60 $(SUITE_TIMEOUT)
 
 .PHONY: demo test lint typecheck pytest bench bench-quick docs clean
