@@ -37,22 +37,23 @@ def pytest_configure(config: pytest.Config) -> None:
     global _saved_policy
     if not eager_mode():
         return
-    if sys.version_info < (3, 12):
+    if sys.version_info >= (3, 12):
+
+        class EagerLoopPolicy(asyncio.DefaultEventLoopPolicy):
+            """Every new loop is eager: pytest-asyncio, the anyio plugin and asyncio.run ask."""
+
+            def new_event_loop(self) -> asyncio.AbstractEventLoop:
+                loop = super().new_event_loop()
+                loop.set_task_factory(asyncio.eager_task_factory)
+                return loop
+
+        _saved_policy = asyncio.get_event_loop_policy()
+        asyncio.set_event_loop_policy(EagerLoopPolicy())
+    else:
         raise pytest.UsageError(
             f"{EAGER_ENV}=1 needs Python 3.12 or newer (asyncio.eager_task_factory), "
             f"this is {sys.version.split()[0]}; unset it or run a newer interpreter"
         )
-
-    class EagerLoopPolicy(asyncio.DefaultEventLoopPolicy):
-        """Every new loop is eager: pytest-asyncio, the anyio plugin and asyncio.run ask it."""
-
-        def new_event_loop(self) -> asyncio.AbstractEventLoop:
-            loop = super().new_event_loop()
-            loop.set_task_factory(asyncio.eager_task_factory)
-            return loop
-
-    _saved_policy = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(EagerLoopPolicy())
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

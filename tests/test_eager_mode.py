@@ -15,10 +15,11 @@ import pytest
 
 from .conftest import eager_mode
 
+
 def _expected_factory() -> object:
-    if eager_mode():
-        assert sys.version_info >= (3, 12), "conftest refuses eager mode before 3.12"
-        return asyncio.eager_task_factory
+    if sys.version_info >= (3, 12):
+        return asyncio.eager_task_factory if eager_mode() else None
+    assert not eager_mode(), "conftest refuses eager mode before 3.12"
     return None
 
 

@@ -75,7 +75,7 @@ def _installed_names(line: str) -> list[str]:
     _, found, command = line.partition("pip install ")
     if not found:
         return []
-    names = []
+    names: list[str] = []
     for word in command.split("#", 1)[0].split():
         word = word.strip("`'\"")
         match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", word)
