@@ -125,9 +125,12 @@ class Phase:
     with_span: int = 0
     wrong_vars: int = 0
     identity_checks: int = 0
-    on_error: Counter[int] = field(default_factory=Counter)
+    on_error: Counter[int] = field(default_factory=Counter)  # this batch's, by task number
+    on_error_calls: int = 0
     loop_exception_handler_calls: int = 0
     rss_after_warmup: int = 0
+    objects_after_warmup: int = 0
+    objects_end: int = 0
     rss_end: int = 0
     seconds: float = 0.0
     statistics: ctxkit.RunnerStatistics | None = None
@@ -212,6 +215,7 @@ async def soak(phase: Phase, seed: int, sdk_metrics: bool) -> None:
             if first // phase.batch == phase.warmup_batches:
                 gc.collect()
                 phase.rss_after_warmup = rss_bytes()
+                phase.objects_after_warmup = sys.getallocatedblocks()
             numbers = range(first, min(first + phase.batch, phase.tasks))
             handles: list[tuple[int, str, ctxkit.BackgroundTask[int]]] = []
             later: list[tuple[int, ctxkit.BackgroundTask[int]]] = []
@@ -255,11 +259,21 @@ async def soak(phase: Phase, seed: int, sdk_metrics: bool) -> None:
                 )
                 if outcome is ctxkit.TaskOutcome.OK:
                     check(handle.result() == number, f"task {number} returned a wrong result")
+            errors = [number for number, kind, _ in handles if kind == ERROR]
+            check(
+                sorted(phase.on_error) == errors and set(phase.on_error.values()) <= {1},
+                f"on_error not called once per error in batch {first // phase.batch}: "
+                f"{len(phase.on_error)} tasks reported, {sum(phase.on_error.values())} calls, "
+                f"{len(errors)} errors",
+            )
+            phase.on_error_calls += sum(phase.on_error.values())
+            phase.on_error.clear()  # kept per batch: a million-entry counter would be the leak
             started_running.clear()
             del handles, later, handle
     phase.seconds = time.perf_counter() - started
     gc.collect()
     phase.rss_end = rss_bytes()
+    phase.objects_end = sys.getallocatedblocks()
     stats = runner.statistics()
     phase.statistics = stats
     check_identity(stats, "at the end")
@@ -274,11 +288,9 @@ async def soak(phase: Phase, seed: int, sdk_metrics: bool) -> None:
     )
     check(stats.rejected == 0, f"spawns rejected: {stats!r}")
     check(phase.wrong_vars == 0, f"{phase.wrong_vars} tasks saw another task's vars")
-    errors = [number for number, (kind, _) in enumerate(kinds) if kind == ERROR]
     check(
-        sorted(phase.on_error) == errors and set(phase.on_error.values()) <= {1},
-        f"on_error not called once per error: {len(phase.on_error)} tasks reported, "
-        f"{sum(phase.on_error.values())} calls, {len(errors)} errors",
+        phase.on_error_calls == expect[ERROR],
+        f"{phase.on_error_calls} on_error calls for {expect[ERROR]} errors",
     )
     check(
         processor.started == processor.ended == phase.with_span,
@@ -331,7 +343,7 @@ def report(phase: Phase, max_growth: float, handler: CountingHandler) -> None:
     print(
         f"  with span: {phase.with_span:,} (all ended); identity checked {phase.identity_checks:,}"
         f" times; wrong vars: {phase.wrong_vars}; on_error calls: "
-        f"{sum(phase.on_error.values()):,}; loop exception handler calls: "
+        f"{phase.on_error_calls:,}; loop exception handler calls: "
         f"{phase.loop_exception_handler_calls}"
     )
     print(
@@ -342,7 +354,8 @@ def report(phase: Phase, max_growth: float, handler: CountingHandler) -> None:
         f"  RSS after {phase.warmup_batches} warm-up batches "
         f"{phase.rss_after_warmup / 2**20:.1f} MB,"
         f" at the end {phase.rss_end / 2**20:.1f} MB: growth {growth:+.2f} MB "
-        f"(limit {max_growth:g} MB)"
+        f"(limit {max_growth:g} MB); allocated blocks {phase.objects_after_warmup:,} -> "
+        f"{phase.objects_end:,}"
     )
     check(growth < max_growth, f"{phase.backend}: RSS grew {growth:.2f} MB after warm-up")
 
@@ -352,7 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=1_000_000, help="asyncio tasks")
     parser.add_argument("--trio-tasks", type=int, default=100_000, help="trio tasks")
     parser.add_argument("--batch", type=int, default=10_000, help="tasks spawned per drain")
-    parser.add_argument("--warmup", type=int, default=2, help="batches before the RSS baseline")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="batches before the RSS baseline (default: a fifth of them, at least 2)",
+    )
     parser.add_argument("--max-rss-growth", type=float, default=10.0, help="MB")
     parser.add_argument("--seed", type=int, default=20260101)
     parser.add_argument(
@@ -370,9 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     unraisable: list[str] = []
     sys.unraisablehook = lambda u: unraisable.append(repr(u.exc_value))
 
+    def warmup(tasks: int) -> int:
+        return args.warmup if args.warmup is not None else max(2, tasks // args.batch // 5)
+
     runs: list[tuple[Phase, Callable[[Phase, int, bool], None]]] = [
-        (Phase("asyncio", args.tasks, args.batch, args.warmup), run_asyncio),
-        (Phase("trio", args.trio_tasks, args.batch, args.warmup), run_trio),
+        (Phase("asyncio", args.tasks, args.batch, warmup(args.tasks)), run_asyncio),
+        (Phase("trio", args.trio_tasks, args.batch, warmup(args.trio_tasks)), run_trio),
     ]
     print(f"soak: Python {sys.version.split()[0]}, ctxkit {ctxkit.__version__}, seed {args.seed}")
     try:
