@@ -8,8 +8,18 @@ STAMP := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
 DOCS_STAMP := $(VENV)/.installed-docs
 BENCH_ARGS ?=
+# Sizes of the soak and fuzz runs, e.g. SOAK_ARGS="--tasks 50000 --trio-tasks 10000".
+SOAK_ARGS ?=
+FUZZ_ARGS ?=
+# The interpreters of the matrix (found with pyenv by scripts/venv.sh), one venv each.
+MATRIX_PYTHONS ?= 3.12 3.13
+# A suite run that takes longer than this many seconds is interrupted (a hang fails clearly).
+SUITE_TIMEOUT ?= 900
+RUN_SUITE = timeout --signal=INT --kill-after=60 $(SUITE_TIMEOUT)
 
 .PHONY: demo test lint typecheck pytest bench bench-quick docs clean
+.PHONY: test-matrix $(MATRIX_PYTHONS:%=test-%) test-eager $(MATRIX_PYTHONS:%=test-eager-%)
+.PHONY: test-lowest dist-check soak fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,8 +61,41 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks --quick $(BENCH_ARGS)
 
+# The suite on each other interpreter, in .venv-3.12, .venv-3.13 (lint and mypy run in `test`).
+test-matrix: $(MATRIX_PYTHONS:%=test-%)
+
+$(MATRIX_PYTHONS:%=test-%): test-%:
+	bash scripts/venv.sh $* .venv-$*
+	$(RUN_SUITE) .venv-$*/bin/python -m pytest
+
+# The suite once more with asyncio.eager_task_factory on every asyncio test loop (3.12+).
+test-eager: $(MATRIX_PYTHONS:%=test-eager-%)
+
+$(MATRIX_PYTHONS:%=test-eager-%): test-eager-%:
+	bash scripts/venv.sh $* .venv-$*
+	CTXKIT_TEST_EAGER=1 $(RUN_SUITE) .venv-$*/bin/python -m pytest
+
+# The suite against the lowest versions pyproject.toml admits (constraints/lowest.txt).
+test-lowest:
+	bash scripts/venv.sh 3.11 .venv-lowest constraints/lowest.txt
+	.venv-lowest/bin/python -m pip freeze --exclude-editable | grep -i -E \
+		"^($$(grep -o -E '^[A-Za-z0-9_.-]+==' constraints/lowest.txt | tr -d = | paste -sd'|'))=="
+	$(RUN_SUITE) .venv-lowest/bin/python -m pytest
+
+# Build the sdist and wheel, check them, install the wheel into a fresh venv and run the demo.
+dist-check:
+	bash scripts/dist-check.sh
+
+# A million asyncio tasks and 100,000 trio tasks with mixed outcomes (benchmarks/soak.py).
+soak: $(STAMP)
+	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
+
+# 100,000 hostile carriers into extract, consume and the taskiq middleware (benchmarks/fuzz.py).
+fuzz: $(STAMP)
+	$(BIN)/python -m benchmarks.fuzz $(FUZZ_ARGS)
+
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .coverage build dist site
+	rm -rf $(VENV) .venv-* .mypy_cache .pytest_cache .ruff_cache .coverage build dist site

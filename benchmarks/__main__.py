@@ -33,7 +33,7 @@ CASES: dict[str, tuple[str, str]] = {
 }
 
 _PACKAGES = (
-    "ctxkit",
+    "ctxkit-async",
     "opentelemetry-api",
     "opentelemetry-sdk",
     "opentelemetry-instrumentation-asyncio",

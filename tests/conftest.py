@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -16,6 +19,52 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from ._support import MakeRunner
+
+
+#: Set to 1 (Python 3.12+) to run every asyncio test loop with ``asyncio.eager_task_factory``.
+EAGER_ENV = "CTXKIT_TEST_EAGER"
+
+
+def eager_mode() -> bool:
+    """Whether this run installs the eager task factory on every new asyncio loop."""
+    return os.environ.get(EAGER_ENV, "") not in ("", "0")
+
+
+_saved_policy: asyncio.AbstractEventLoopPolicy | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _saved_policy
+    if not eager_mode():
+        return
+    if sys.version_info >= (3, 12):
+
+        class EagerLoopPolicy(asyncio.DefaultEventLoopPolicy):
+            """Every new loop is eager: pytest-asyncio, the anyio plugin and asyncio.run ask."""
+
+            def new_event_loop(self) -> asyncio.AbstractEventLoop:
+                loop = super().new_event_loop()
+                loop.set_task_factory(asyncio.eager_task_factory)
+                return loop
+
+        _saved_policy = asyncio.get_event_loop_policy()
+        asyncio.set_event_loop_policy(EagerLoopPolicy())
+    else:
+        raise pytest.UsageError(
+            f"{EAGER_ENV}=1 needs Python 3.12 or newer (asyncio.eager_task_factory), "
+            f"this is {sys.version.split()[0]}; unset it or run a newer interpreter"
+        )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    global _saved_policy
+    if _saved_policy is not None:
+        asyncio.set_event_loop_policy(_saved_policy)
+        _saved_policy = None
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    return "ctxkit: asyncio loops use asyncio.eager_task_factory" if eager_mode() else None
 
 
 @pytest.fixture(params=["asyncio", "trio"])
