@@ -281,7 +281,7 @@ def run_demo() -> None:
             InMemorySpanExporter,
         )
     except ImportError:  # pragma: no cover - the demo's extra is missing
-        sys.exit("the demo needs the OpenTelemetry SDK: pip install 'ctxkit[sdk]'")
+        sys.exit("the demo needs the OpenTelemetry SDK: pip install 'ctxkit-async[sdk]'")
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

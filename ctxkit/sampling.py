@@ -3,7 +3,7 @@
 ``ParentBased`` ignores links: a consumer span started in ``propagation="link"`` mode (or a
 retried job's later attempt) is a new root, so it gets a sampling decision of its own, and under
 ratio sampling most links then point at traces that were dropped. ``LinkAwareSampler`` decides
-such a root by its links first. It needs ``opentelemetry-sdk`` (the ``ctxkit[sdk]`` extra).
+such a root by its links first. It needs ``opentelemetry-sdk`` (the ``ctxkit-async[sdk]`` extra).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ try:
     )
 except ImportError as exc:  # pragma: no cover - exercised only without the SDK
     raise ImportError(
-        'ctxkit.sampling needs opentelemetry-sdk; install it with pip install "ctxkit[sdk]"'
+        'ctxkit.sampling needs opentelemetry-sdk; install it with pip install "ctxkit-async[sdk]"'
     ) from exc
 from opentelemetry import trace
 

@@ -7,7 +7,7 @@ fails the test if a task raised or had to be cancelled, so fire-and-forget code 
 without sleeps. The pytest plugin that ships with ctxkit turns both into fixtures,
 ``ctxkit_spans`` and ``ctxkit_runner``.
 
-``SpanRecorder`` needs the OpenTelemetry SDK (``pip install 'ctxkit[sdk]'``); it is imported
+``SpanRecorder`` needs the OpenTelemetry SDK (``pip install 'ctxkit-async[sdk]'``); it is imported
 when a recorder is made, never at import time of this module.
 """
 
@@ -83,7 +83,7 @@ class SpanRecorder:
     spans in the order they ended.
 
     Raises:
-        ImportError: The OpenTelemetry SDK is not installed (``pip install 'ctxkit[sdk]'``).
+        ImportError: The OpenTelemetry SDK is not installed (``pip install 'ctxkit-async[sdk]'``).
     """
 
     def __init__(self) -> None:
@@ -96,7 +96,7 @@ class SpanRecorder:
         except ImportError as exc:
             raise ImportError(
                 "ctxkit.testing.SpanRecorder needs the OpenTelemetry SDK: "
-                "pip install 'ctxkit[sdk]' (or opentelemetry-sdk)"
+                "pip install 'ctxkit-async[sdk]' (or opentelemetry-sdk)"
             ) from exc
         self._exporter = InMemorySpanExporter()
         self._provider = TracerProvider()

@@ -1,6 +1,6 @@
 """Celery integration: the caller's ContextVars and trace reach every task, in any worker.
 
-Install with ``pip install "ctxkit[celery]"`` and instrument the app once, where it is made
+Install with ``pip install "ctxkit-async[celery]"`` and instrument the app once, where it is made
 (the module the worker imports), after its tasks are defined or before it is finalized::
 
     app = Celery("app", broker=url)
@@ -29,7 +29,7 @@ try:
     from celery.exceptions import Ignore, Reject, Retry
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        'ctxkit.contrib.celery needs celery; install it with pip install "ctxkit[celery]"'
+        'ctxkit.contrib.celery needs celery; install it with pip install "ctxkit-async[celery]"'
     ) from exc
 
 from .._clone import as_var_tuple, check_propagation

@@ -1,7 +1,7 @@
 """structlog integration: ``trace_id`` and ``span_id`` in every event, as ``TraceIdFilter`` does.
 
-Install with ``pip install "ctxkit[structlog]"`` and put the processor in the chain, before the
-renderer::
+Install with ``pip install "ctxkit-async[structlog]"`` and put the processor in the chain,
+before the renderer::
 
     import structlog
     from ctxkit.contrib.structlog import add_trace_ids
@@ -29,7 +29,8 @@ try:
     import structlog  # noqa: F401 - fail early, with the extra to install
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        'ctxkit.contrib.structlog needs structlog; install it with pip install "ctxkit[structlog]"'
+        "ctxkit.contrib.structlog needs structlog; install it with "
+        'pip install "ctxkit-async[structlog]"'
     ) from exc
 
 from .._trace import current_trace_id

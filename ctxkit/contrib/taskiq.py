@@ -1,6 +1,6 @@
 """taskiq integration: the kicker's ContextVars and trace reach the task, in another process.
 
-Install with ``pip install "ctxkit[taskiq]"`` and add the middleware to the broker that kicks
+Install with ``pip install "ctxkit-async[taskiq]"`` and add the middleware to the broker that kicks
 tasks and to the one the worker runs (usually the same object)::
 
     broker = ListQueueBroker(url).with_middlewares(CtxkitMiddleware(vars=(request_id,)))
@@ -25,7 +25,7 @@ try:
     from taskiq.exceptions import NoResultError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        'ctxkit.contrib.taskiq needs taskiq; install it with pip install "ctxkit[taskiq]"'
+        'ctxkit.contrib.taskiq needs taskiq; install it with pip install "ctxkit-async[taskiq]"'
     ) from exc
 try:
     from taskiq.labels import LabelType
