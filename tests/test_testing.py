@@ -200,7 +200,7 @@ class TestSpanRecorder:
     def test_without_the_sdk_says_what_to_install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Without opentelemetry-sdk, making a recorder raises ImportError naming the extra."""
         monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
-        with pytest.raises(ImportError, match=r"pip install 'ctxkit\[sdk\]'"):
+        with pytest.raises(ImportError, match=r"pip install 'ctxkit-async\[sdk\]'"):
             SpanRecorder()
 
 
