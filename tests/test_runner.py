@@ -67,6 +67,11 @@ async def return_value(value: int) -> int:
     return value
 
 
+async def return_later(value: int) -> int:
+    await anyio.lowlevel.checkpoint()
+    return value
+
+
 class Boom(Exception):
     pass
 
@@ -448,7 +453,7 @@ class TestOutcomes:
     async def test_ok(self, make_runner: MakeRunner) -> None:
         """A task that returns ends "ok" with its result; done() turns True."""
         async with make_runner() as runner:
-            handle = runner.spawn(return_value, 5)
+            handle = runner.spawn(return_later, 5)  # suspends once, also with eager tasks
             assert not handle.done()
             assert [handle.outcome] == [None]
             with pytest.raises(ctxkit.TaskNotDoneError, match="has not ended yet"):
@@ -534,9 +539,13 @@ class TestOutcomes:
     async def test_cancel_before_first_step_closes_the_coroutine(
         self, make_runner: MakeRunner, caplog: pytest.LogCaptureFixture
     ) -> None:
-        """cancel() right after spawn ends the task "cancelled" with its coroutine closed."""
+        """cancel() right after spawn ends the task "cancelled" with its coroutine closed.
+
+        Without the eager task factory the task has not run at all; with it, it ran up to its
+        first suspension (there is no moment before its first step): cancelled either way.
+        """
         async with make_runner() as runner:
-            coro = return_value(1)
+            coro = return_later(1)
             handle = runner.spawn(coro)
             assert handle.cancel() is True
             assert await handle.wait() == "cancelled"
@@ -738,6 +747,7 @@ class TestErrors:
         monkeypatch.setattr(ctxkit_logger, "handlers", [messages])
 
         async def work() -> None:
+            await anyio.lowlevel.checkpoint()  # raised in the loop, not in an eager first step
             raise exc_type(3)
 
         async def main() -> None:
@@ -1242,6 +1252,7 @@ class TestShutdown:
         finished: list[str] = []
 
         async def second() -> None:
+            await anyio.lowlevel.checkpoint()  # also with eager tasks, after "first"
             finished.append("second")
 
         async def first() -> None:

@@ -23,6 +23,7 @@ from ._support import (
     noop,
     wait_for,
 )
+from .conftest import eager_mode
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -373,6 +374,9 @@ class TestAsyncioRunTeardown:
 
         asyncio.run(main())
         gc.collect()
+        if eager_mode():  # an eager task has no unstarted phase: it ran at spawn
+            assert handles[0].outcome == "ok"
+            return
         assert handles[0].outcome == "cancelled"
         assert is_closed(coros[0])
         (record,) = [r for r in caplog.records if r.name == "ctxkit"]
