@@ -1079,7 +1079,9 @@ class TestRetries:
             context = contextvars.copy_context()
         own = span.get_span_context()
         assert retry["ctxkit-producer"] == TRACEPARENT
-        assert retry["ctxkit-previous"] == f"00-{own.trace_id:032x}-{own.span_id:016x}-01"
+        assert retry["ctxkit-previous"] == (
+            f"00-{own.trace_id:032x}-{own.span_id:016x}-{int(own.trace_flags):02x}"
+        )
         for carrier in (other, plain):
             assert "ctxkit-producer" not in carrier
             assert "ctxkit-previous" not in carrier
