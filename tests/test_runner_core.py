@@ -485,3 +485,38 @@ def test_the_core_never_tests_for_a_backend() -> None:
     assert "import asyncio" not in source
     assert "import trio" not in source
     assert "_loop is None" not in source
+
+
+class TestSummaryWording:
+    """Issue 13, rule 6: "every task finished" only when no task failed, timed out or was
+    cancelled."""
+
+    async def test_a_failed_task_is_not_every_task_finished(
+        self, make_runner: MakeRunner, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """After an error and a cancel, the INFO summary says no task was left to cancel."""
+
+        async def fails() -> None:
+            raise ValueError("failed on purpose")
+
+        with caplog.at_level(logging.INFO, logger="ctxkit"):
+            async with make_runner() as runner:
+                await runner.spawn(fails).wait()
+                cancelled = runner.spawn(anyio.sleep_forever)
+                cancelled.cancel()
+                await cancelled.wait()
+        (summary,) = [m for m in ctxkit_messages(caplog, logging.INFO) if "shut down" in m]
+        assert "every task finished" not in summary
+        assert "no task left to cancel" in summary
+        assert "error=1" in summary
+        assert "cancelled=1" in summary
+
+    async def test_all_ok_is_every_task_finished(
+        self, make_runner: MakeRunner, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """With every task ok the summary says every task finished."""
+        with caplog.at_level(logging.INFO, logger="ctxkit"):
+            async with make_runner() as runner:
+                await runner.spawn(noop).wait()
+        (summary,) = [m for m in ctxkit_messages(caplog, logging.INFO) if "shut down" in m]
+        assert "every task finished" in summary
