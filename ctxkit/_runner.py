@@ -609,8 +609,8 @@ class BackgroundRunner:
         """Return a snapshot of the running tasks, oldest start first, then the pending ones.
 
         Each ``TaskInfo`` has the task's name, state, seconds since spawn, seconds running and
-        trace id. It copies no more than that (cheap enough for a health endpoint: about a
-        microsecond per task) and may be called from any thread.
+        trace id. It copies no more than that, one ``TaskInfo`` per task (meant to be cheap
+        enough for a health endpoint; not benchmarked yet), and may be called from any thread.
         """
         now = perf_counter()
         running = [
