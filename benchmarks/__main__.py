@@ -10,11 +10,12 @@ import json
 import logging
 import os
 import platform
+import random
 import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._harness import Settings
+from ._harness import Settings, set_seed
 
 if TYPE_CHECKING:
     from ._harness import CaseResult
@@ -108,10 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, metavar="N", help="measured rounds per case (overrides defaults)"
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help="seed of the per-round shuffled order of variants (default: a random one, printed)",
+    )
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
     settings = Settings(quick=args.quick, rounds=args.rounds)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    set_seed(seed)
     # The shutdown cases cancel tasks on purpose; ctxkit says so at WARNING. Keep errors.
     logging.getLogger("ctxkit").setLevel(logging.ERROR)
 
@@ -121,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Python {info['python']} ({info['implementation']}) on {info['platform']}")
     print(f"CPU: {info['cpu']} x {info['cpus']}; load average {info['load_average']}")
     print("Packages: " + ", ".join(f"{k} {v}" for k, v in info["packages"].items()))
+    print(f"Seed of the per-round variant order: {seed} (rerun with --seed {seed})")
     print("Read the 'x baseline' column (median of per-round ratios), not the absolute times.")
     print()
 
@@ -148,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = {
             "mode": mode,
             "argv": sys.argv[1:] if argv is None else argv,
+            "seed": seed,
             "machine": info,
             "seconds": {"total": total, **timings},
             "cases": [r.as_json() for r in results],

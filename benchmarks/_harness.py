@@ -3,16 +3,23 @@
 A *variant* is one way of doing the operation under test; its ``run`` callable does one batch
 (setup and teardown included) and returns the measured quantity of that batch -- elapsed
 nanoseconds of the timed part, or bytes for the memory case -- for ``ops`` operations. The
-harness runs every variant once per round, in the order given (A B C A B C ...), with the
-garbage collector collected before and disabled during each batch, and divides each variant's
-figure by the baseline's figure *of the same round*. The median of those per-round ratios is
-the number to read: it cancels the drift of a shared machine.
+harness runs every variant once per round, in an order shuffled anew each round (C A B, B C A,
+...) from a recorded seed, with the garbage collector collected before and disabled during each
+batch, and divides each variant's figure by the baseline's figure *of the same round*. The
+median of those per-round ratios is the number to read: it cancels the drift of a shared
+machine, and the shuffle cancels the bias of always running second after the same neighbour
+(a warm or a cold cache, a pending collection of the previous batch's garbage).
+
+The seed is the command line's ``--seed`` (a random one when absent, printed and written to the
+JSON); each case's order comes from ``Random(f"{seed}-{case}")``, so one case rerun alone with
+the same seed gets the same order.
 """
 
 from __future__ import annotations
 
 import gc
 import inspect
+import random
 import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,8 +37,27 @@ __all__ = [
     "best_of",
     "measure",
     "measure_sync",
+    "set_seed",
     "skipped",
 ]
+
+_seed: int = 0
+
+
+def set_seed(seed: int) -> None:
+    """Seed the per-round order of every case measured after this call."""
+    global _seed  # noqa: PLW0603 - one run has one seed; the cases need not pass it around
+    _seed = seed
+
+
+def _orders(case: str, variants: Sequence[Variant], rounds: int) -> list[list[Variant]]:
+    rng = random.Random(f"{_seed}-{case}")
+    orders = []
+    for _ in range(rounds):
+        order = list(variants)
+        rng.shuffle(order)
+        orders.append(order)
+    return orders
 
 
 @dataclass(frozen=True)
@@ -164,6 +190,8 @@ class CaseResult:
     targets: list[TargetResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     skipped: str | None = None
+    orders: list[list[str]] = field(default_factory=list)
+    """The order the variants ran in, per round (warm-up rounds first)."""
 
     def row(self, name: str) -> Row:
         for row in self.rows:
@@ -236,6 +264,7 @@ class CaseResult:
             "rows": [r.as_json() for r in self.rows],
             "targets": [t.as_json() for t in self.targets],
             "notes": self.notes,
+            "orders": self.orders,
         }
 
 
@@ -277,6 +306,7 @@ class _Collector:
         self.variants = variants
         self.baseline = baseline
         self.per_op: dict[str, list[float]] = {n: [] for n in names}
+        self.orders: list[list[str]] = []
 
     def summarize(
         self,
@@ -289,6 +319,7 @@ class _Collector:
     ) -> CaseResult:
         base = self.per_op[self.baseline]
         result = CaseResult(case, title, unit, self.baseline, rounds, notes=list(notes))
+        result.orders = self.orders
         for v in self.variants:
             mine = self.per_op[v.name]
             row = Row(v.name, v.ops, mine, [a / b for a, b in zip(mine, base, strict=True)])
@@ -325,8 +356,9 @@ async def measure(
     after every batch (untimed): a place to let background threads settle.
     """
     collector = _Collector(variants, baseline)
-    for i in range(warmup + rounds):
-        for v in variants:
+    for i, order in enumerate(_orders(case, variants, warmup + rounds)):
+        collector.orders.append([v.name for v in order])
+        for v in order:
             figure = await _one_async(v)
             if between is not None:
                 await between()
@@ -349,8 +381,9 @@ def measure_sync(
 ) -> CaseResult:
     """Measure synchronous variants in interleaved rounds."""
     collector = _Collector(variants, baseline)
-    for i in range(warmup + rounds):
-        for v in variants:
+    for i, order in enumerate(_orders(case, variants, warmup + rounds)):
+        collector.orders.append([v.name for v in order])
+        for v in order:
             figure = _one_sync(v)
             if i >= warmup:
                 collector.per_op[v.name].append(figure / v.ops)
