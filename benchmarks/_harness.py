@@ -46,7 +46,7 @@ _seed: int = 0
 
 def set_seed(seed: int) -> None:
     """Seed the per-round order of every case measured after this call."""
-    global _seed  # noqa: PLW0603 - one run has one seed; the cases need not pass it around
+    global _seed  # one run has one seed; the cases need not pass it around
     _seed = seed
 
 

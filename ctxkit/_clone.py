@@ -98,6 +98,7 @@ def register(*vars: ContextVar[Any]) -> None:
                 )
         result.append(var)
     _registered = tuple(result)
+    _plans.clear()
 
 
 def unregister(*vars: ContextVar[Any]) -> None:
@@ -109,6 +110,7 @@ def unregister(*vars: ContextVar[Any]) -> None:
     global _registered
     _check_vars(vars, "unregister")
     _registered = tuple(var for var in _registered if var not in vars)
+    _plans.clear()
 
 
 def registered() -> tuple[ContextVar[Any], ...]:
@@ -135,24 +137,25 @@ class _Plan:
     made from, returns a copy of that clone (``Context.copy()`` is O(1)); otherwise it builds
     one and keeps it in ``cache``, the one cache of the clone path.
 
-    ``read`` and ``current`` are straight-line code generated for the selection (as
+    ``read``, ``fill`` and ``current`` are straight-line code generated for the selection (as
     ``dataclasses`` does for ``__init__``), for every size, with no loop version beside them:
     reading k ContextVars in a Python loop costs several times what k unrolled ``.get()``
     calls cost, on every spawn (benchmarks/RESULTS.md says what it buys).
     """
 
-    __slots__ = ("cache", "current", "read", "registered", "vars")
+    __slots__ = ("cache", "current", "fill", "read", "registered", "vars")
 
     def __init__(self, selected: tuple[ContextVar[Any], ...]) -> None:
         self.vars = selected
-        #: The registered vars when the plan was made: it is stale once they change.
+        #: The registered vars when the plan was made (``register()`` drops every plan).
         self.registered = _registered
-        # (values, weakref to the source OTel context, source fake id, clone, its span
-        # context, whether each copy needs a new fake id) of the last span-less clone.
+        # (values, the source OTel context -- itself when the clone holds it anyway, else a
+        # weak reference --, source fake id, clone, its span context, whether each copy needs
+        # a new fake id) of the last span-less clone.
         self.cache: (
             tuple[
                 tuple[object, ...],
-                weakref.ref[otel_context.Context],
+                otel_context.Context | weakref.ref[otel_context.Context],
                 str | None,
                 Context,
                 trace.SpanContext,
@@ -167,17 +170,26 @@ class _Plan:
         reads = "".join(f"    a{i} = _v{i}.get(_M)\n" for i in range(count))
         values = "".join(f"a{i}, " for i in range(count))
         hits = "".join(f" and v[{i}] is a{i}" for i in range(count))
+        sets = "".join(
+            f"    a = v[{i}]\n    if a is not _M:\n        _v{i}.set(a)\n" for i in range(count)
+        )
         source = (
             f"def read({defaults}_M=_M):\n"
             f"    return ({gets})\n"
-            f"def current({defaults}_M=_M, _P=_P, _O=_O, _F=_F, _B=_B, _N=_N):\n"
+            f"def fill(v, o, f, {defaults}_M=_M, _A=_A, _F=_F):\n"
+            f"{sets}"
+            f"    _A(o)\n"
+            f"    if f is not None:\n"
+            f"        _F.set(f)\n"
+            f"def current({defaults}_M=_M, _P=_P, _O=_O, _F=_F, _B=_B, _N=_N, _W=_W):\n"
             f"{reads}"
             f"    o = _O()\n"
             f"    f = _F.get(None)\n"
             f"    c = _P.cache\n"
             f"    if c is not None:\n"
             f"        v = c[0]\n"
-            f"        if c[1]() is o and c[2] is f{hits}:\n"
+            f"        k = c[1]\n"
+            f"        if (k is o or (type(k) is _W and k() is o)) and c[2] is f{hits}:\n"
             f"            if c[5]:\n"
             f"                return _N(c[3]), c[4]\n"
             f"            return c[3].copy(), c[4]\n"
@@ -185,11 +197,23 @@ class _Plan:
         )
         namespace: dict[str, Any] = dict(zip(names, selected, strict=True))
         namespace.update(
-            _M=_MISSING, _P=self, _O=get_current, _F=fake_var, _B=_build_current, _N=_with_new_fake
+            _M=_MISSING,
+            _P=self,
+            _O=get_current,
+            _F=fake_var,
+            _B=_build_current,
+            _N=_with_new_fake,
+            _W=weakref.ReferenceType,
+            _A=otel_context.attach,  # the clone is private: its token is never needed
         )
         exec(source, namespace)  # the code is built from integers only, never from user text
         #: The selected vars' values in the calling context (``_MISSING`` where unset).
         self.read: Callable[[], tuple[object, ...]] = namespace["read"]
+        #: Set up a new, empty clone, run in it: the selected vars that have a value in
+        #: ``v`` (as ``read`` returned them), the OpenTelemetry context ``o``, the fake id ``f``.
+        self.fill: Callable[[tuple[object, ...], otel_context.Context, str | None], None] = (
+            namespace["fill"]
+        )
         #: The span-less clone of the calling context and the span context current in it: a
         #: copy of ``cache``'s clone when the vars, OTel context and fake id are the very
         #: objects it was made from, else a new one (kept in ``cache``).
@@ -199,26 +223,29 @@ class _Plan:
 get_current: Final = otel_context.get_current
 fake_var: Final = fake_trace_id_var
 _MAX_PLANS: Final = 256
-#: The plan of each ``vars=`` tuple as callers pass it (the registered vars are added to it).
+#: The plan of each ``vars=`` tuple as callers pass it (the registered vars are added to it);
+#: emptied whenever the registered vars change.
 _plans: dict[tuple[ContextVar[Any], ...], _Plan] = {}
 
 
 def plan_for(vars: Iterable[ContextVar[Any]], caller: str) -> _Plan:
     """Return the plan of ``selection(vars)`` (``vars``: spawn's ``vars=`` option, any iterable)."""
     try:
-        plan: _Plan | None = _plans[vars]  # type: ignore[index]
+        return _plans[vars]  # type: ignore[index]
     except (KeyError, TypeError):  # new, or not a hashable tuple: check it
-        pass
-    else:
-        if plan.registered is _registered:  # type: ignore[union-attr]
-            return plan  # type: ignore[return-value]
+        return _new_plan(vars, caller)
+
+
+def _new_plan(vars: Iterable[ContextVar[Any]], caller: str) -> _Plan:
     given = as_var_tuple(vars, caller)
     selected = selection(given, caller)
     plan = _plans.get(given)
-    if plan is None or plan.registered is not _registered:
+    if plan is None:
         if len(_plans) >= _MAX_PLANS:
             _plans.clear()
         plan = _plans[given] = _Plan(selected)
+        if plan.registered is not _registered:  # register() ran meanwhile, in another thread
+            _plans.pop(given, None)
     return plan
 
 
@@ -280,39 +307,8 @@ def otel_of(source: Context) -> otel_context.Context:
     return _run_in(source, get_current)
 
 
-def _set_vars(selected: tuple[ContextVar[Any], ...], values: tuple[object, ...]) -> None:
-    for var, value in zip(selected, values, strict=True):
-        if value is not _MISSING:
-            var.set(value)
-
-
 def _make_current(span: trace.Span) -> None:
     otel_context.attach(trace.set_span_in_context(span))  # the clone is private: no detach
-
-
-def _fill(
-    selected: tuple[ContextVar[Any], ...],
-    values: tuple[object, ...],
-    otel: otel_context.Context,
-    fake: str | None,
-) -> None:
-    """Set up a new, empty clone in one pass: the selected vars, the OTel context, the fake id."""
-    _set_vars(selected, values)
-    _install(otel, fake)
-
-
-def _install(otel: otel_context.Context, fake: str | None) -> None:
-    otel_context.attach(otel)  # the clone is private: its token is never needed
-    if fake is not None:
-        fake_trace_id_var.set(fake)
-
-
-def _base(plan: _Plan, values: tuple[object, ...]) -> Context:
-    """Return a new Context holding just the selected vars."""
-    base = Context()
-    if plan.vars:
-        base.run(_set_vars, plan.vars, values)
-    return base
 
 
 def _build_current(
@@ -324,12 +320,16 @@ def _build_current(
     """
     current = trace.get_current_span(otel_src)
     span_context = current.get_span_context()
+    otel = detached_otel_context(otel_src)
     result = Context()
-    result.run(_fill, plan.vars, values, detached_otel_context(otel_src, current), fake)
+    result.run(plan.fill, values, otel, fake)
     # No trace at all (no valid span, no fake id): each clone gets a fake trace id of its own,
     # so the cached clone has none and each reuse adds a new one.
     traceless = not span_context.is_valid and fake is None
-    plan.cache = (values, weakref.ref(otel_src), fake, result, span_context, traceless)
+    # The source's OTel context is the cache key: held as it is when the clone holds it
+    # anyway, else weakly (the cache never keeps the rest of a request's context alive).
+    key = otel if otel is otel_src else weakref.ref(otel_src)
+    plan.cache = (values, key, fake, result, span_context, traceless)
     if traceless:
         return _with_new_fake(result), span_context
     return result.copy(), span_context
@@ -383,11 +383,11 @@ def build_clone(
     else:
         current = trace.INVALID_SPAN
     otel = detached_otel_context(otel_src, current)
-    result = _base(plan, values)
     span_context = current.get_span_context()
     if not span_context.is_valid and fake is None:
         fake = new_fake_trace_id()
-    result.run(_install, otel, fake)
+    result = Context()
+    result.run(plan.fill, values, otel, fake)
     return result, span_context
 
 
@@ -419,7 +419,10 @@ def clone_without_span(*vars: ContextVar[Any], context: Context | None = None) -
     Raises:
         TypeError: An element of ``vars`` is not a ContextVar, or ``context`` is not a Context.
     """
-    return build_clone(plan_for(vars, "clone_without_span"), context)[0]
+    plan = plan_for(vars, "clone_without_span")
+    if context is None:
+        return plan.current()[0]
+    return build_clone(plan, context)[0]
 
 
 def clone(

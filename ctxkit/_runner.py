@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from contextvars import ContextVar
 from time import perf_counter
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, overload
@@ -59,7 +58,7 @@ from ._trace import fake_trace_id_var, get_tracer, start_span
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
-    from contextvars import Context
+    from contextvars import Context, ContextVar
     from types import TracebackType
 
     from opentelemetry.metrics import MeterProvider
@@ -92,10 +91,13 @@ _OUTCOME_VALUES: Final = {id(outcome): outcome.value for outcome in TaskOutcome}
 _STARTED: Final = 1  # its first step ran
 _CANCEL_REQUESTED: Final = 2  # cancel() was called: by the user or the runner's shutdown
 
-#: The handle of the background task whose code runs now, set in the task's own context. Plain
-#: child tasks of a background task inherit the var; the handle's ``_native`` (the loop's own
-#: object for the task, None once it ended) tells them apart.
-_current: ContextVar[BackgroundTask[Any]] = ContextVar("ctxkit.current_task")
+#: The handle of every background task that has started and not yet finished, by the event
+#: loop's own object for it (an ``asyncio.Task``, a trio task): ``current_task()`` looks the
+#: running code's loop task up here. A map rather than a ContextVar set in each task: setting a
+#: var copies a node of the context's HAMT per task (~150 bytes and a ``Token``, benchmarks/
+#: case 5), and a plain child task started by a background task, which would inherit the var,
+#: is simply not in the map. Only loop threads change it (a dict operation is atomic).
+_by_native: dict[object, BackgroundTask[Any]] = {}
 
 
 def current_task() -> BackgroundTask[Any] | None:
@@ -104,21 +106,16 @@ def current_task() -> BackgroundTask[Any] | None:
     A plain task started by a background task (``asyncio.create_task``, a nursery) is not
     the background task: there this returns None.
     """
-    task = _current.get(None)
-    if task is not None and task._native is not None and task._native is current_native_task():
-        return task
-    return None
+    if not _by_native:
+        return None
+    native = current_native_task()
+    return None if native is None else _by_native.get(native)
 
 
 def own_runner() -> BackgroundRunner | None:
     """Return the runner of the background task running this code, if it has not closed."""
-    task = _current.get(None)  # current_task(), inlined: ctxkit.spawn's hot path
-    if (
-        task is None
-        or task._native is None
-        or task._native is not current_native_task()
-        or task._runner._state == "closed"
-    ):
+    task = current_task()
+    if task is None or task._runner._state == "closed":
         return None
     return task._runner
 
@@ -922,12 +919,13 @@ class BackgroundRunner:
         """
         if task._flags & _CANCEL_REQUESTED:
             return False
-        if native is not None:
-            task._native = native
-        elif task._native is None:
-            task._native = current_native_task()
+        if native is None:
+            native = task._native
+            if native is None:
+                native = current_native_task()
+        task._native = native
+        _by_native[native] = task
         task._flags |= _STARTED
-        _current.set(task)
         return True
 
     def _cancel(self, task: BackgroundTask[Any]) -> None:
@@ -1017,9 +1015,12 @@ class BackgroundRunner:
             try:
                 self._report(task, outcome, value)  # current_task() is still the task here
             finally:
+                _by_native.pop(task._native, None)
                 task._native = None
         else:
-            task._native = None  # the loop's task object: let it (and its context) go
+            # The loop's task object: let it (and its context) go.
+            _by_native.pop(task._native, None)
+            task._native = None
 
     def _report(self, task: BackgroundTask[Any], outcome: TaskOutcome, value: object) -> None:
         """Tell the world how ``task`` ended: its span, a log line, ``on_error``."""

@@ -54,6 +54,15 @@ _ALL_ZERO_HEX: Final = "0" * 32
 #: more than the copy that follows).
 EMPTY_OTEL_CONTEXT: Final = otel_context.Context()
 
+#: The keys under which OpenTelemetry keeps the current span and the baggage in a context, as its
+#: public ``set_span_in_context`` and ``set_baggage`` write them.
+_SPAN_AND_BAGGAGE_KEYS: Final = frozenset(
+    (
+        *trace.set_span_in_context(trace.INVALID_SPAN, EMPTY_OTEL_CONTEXT),
+        *otel_baggage.set_baggage("k", "v", EMPTY_OTEL_CONTEXT),
+    )
+)
+
 #: The fake trace id of the current context, when ctxkit gave it one (see module docstring).
 fake_trace_id_var: ContextVar[str] = ContextVar("ctxkit.fake_trace_id")
 
@@ -137,12 +146,19 @@ def hex_trace_id(span_context: trace.SpanContext) -> str:
 def detached_otel_context(
     source: otel_context.Context, span: trace.Span | None = None
 ) -> otel_context.Context:
-    """Return a new OpenTelemetry context holding only ``source``'s baggage and a span.
+    """Return an OpenTelemetry context holding only ``source``'s baggage and a span.
+
+    That is ``source`` itself when it holds nothing else already and the span is its own.
 
     Args:
         source: The OpenTelemetry context to take the baggage (and by default the span) from.
         span: The span to make current; None keeps ``source``'s current span.
     """
+    if source.keys() <= _SPAN_AND_BAGGAGE_KEYS:
+        # Nothing but a span and baggage already (a request's usual context): the source is
+        # the answer, or with another span one copy of it. OpenTelemetry contexts are never
+        # changed in place (``set_value`` copies), so sharing one is safe.
+        return source if span is None else trace.set_span_in_context(span, source)
     if span is None:
         span = trace.get_current_span(source)
     result = trace.set_span_in_context(span, EMPTY_OTEL_CONTEXT)
