@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import gc
 import re
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import Context, ContextVar
@@ -432,6 +434,57 @@ class TestTraceCarried:
             assert otel_context.get_value("test.custom") == "request-only"
             result = cloner()
         assert result.run(otel_context.get_value, "test.custom") is None
+
+    def test_cache_keeps_no_other_otel_context_entry_alive(
+        self, tracer: trace.Tracer, request_id: ContextVar[str]
+    ) -> None:
+        """A source's OpenTelemetry entry beside span and baggage is freed after its clone."""
+
+        class Session:
+            """Stands for a per-request object an instrumentation keeps in the context."""
+
+        session = Session()
+        freed = weakref.ref(session)
+        request_id.set("r-1")
+        with (
+            attached(otel_context.set_value("test.session", session)),
+            tracer.start_as_current_span("request"),
+        ):
+            result = ctxkit.clone_without_span(request_id)
+        del session
+        gc.collect()
+        assert freed() is None
+        assert result.run(request_id.get) == "r-1"
+
+    def test_clones_of_two_alternating_sources_each_carry_their_own(
+        self, tracer: trace.Tracer, request_id: ContextVar[str]
+    ) -> None:
+        """Alternating between two sources with equal vars, each clone has its source's span."""
+        request_id.set("r-1")
+        with tracer.start_as_current_span("a") as a:
+            source_a = contextvars.copy_context()
+        with (
+            attached(otel_context.set_value("test.custom", "b-only")),
+            tracer.start_as_current_span("b") as b,
+        ):
+            source_b = contextvars.copy_context()
+        for _ in range(3):
+            for source, span in ((source_a, a), (source_b, b)):
+                result = source.run(ctxkit.clone_without_span, request_id)
+                assert span_context_in(result) == span.get_span_context()
+                assert result.run(otel_context.get_value, "test.custom") is None
+
+    def test_baggage_is_carried_from_a_source_with_span_and_baggage_only(
+        self, cloner: Cloner, tracer: trace.Tracer
+    ) -> None:
+        """A source holding just a span and baggage gives both to the clone, nothing more."""
+        with (
+            attached(baggage.set_baggage("tenant", "acme")),
+            tracer.start_as_current_span("request") as span,
+        ):
+            result = cloner()
+        assert result.run(baggage.get_baggage, "tenant") == "acme"
+        assert span_context_in(result).trace_id == span.get_span_context().trace_id
 
     def test_caller_span_and_context_are_unchanged(
         self, cloner: Cloner, tracer: trace.Tracer
