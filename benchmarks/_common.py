@@ -155,14 +155,15 @@ class StrongSet:
     def __init__(self) -> None:
         self.tasks: set[asyncio.Task[Any]] = set()
 
-    def _done(self, task: asyncio.Task[Any]) -> None:
+    def done(self, task: asyncio.Task[Any]) -> None:
+        """The done-callback: drop the reference, retrieve the exception."""
         self.tasks.discard(task)
         _retrieve(task)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self.tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(self.done)
         return task
 
 
@@ -201,7 +202,7 @@ class HandClone(StrongSet):
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, context=hand_clone(self.vars))
         self.tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(self.done)
         return task
 
 
@@ -230,5 +231,5 @@ class HandSpan(HandClone):
             _in_span(coro, span), context=hand_clone(self.vars, span)
         )
         self.tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(self.done)
         return task

@@ -47,6 +47,8 @@ ANYIO = "anyio TaskGroup.start_soon"
 CTXKIT = "ctxkit.spawn (limit=None)"
 CTXKIT_100 = "ctxkit.spawn (limit=100, default)"
 CTXKIT_NOTRACE = "ctxkit.spawn (limit=None, no span active)"
+FLOOR_CLONE = "floor: clone_without_span + create_task"
+FLOOR_STRONG = "floor: clone_without_span + strong set"
 BARE_REQ = "bare create_task, per request"
 HAND_REQ = "hand-written ctxkit equivalent, per request"
 CTXKIT_REQ = "ctxkit.spawn (limit=None), per request"
@@ -87,6 +89,29 @@ def variants(n: int) -> list[Variant]:
             await batch.done.wait()
             await asyncio.sleep(0)
             return now() - t0
+
+    def floor(name: str, strong_set: bool) -> Variant:
+        """ctxkit's cached clone with the least that runs a task in it (no runner)."""
+
+        async def run() -> int:
+            batch = Batch(n, asyncio.Event())
+            loop = asyncio.get_running_loop()
+            spawner = StrongSet()
+            with trace.use_span(request_span()):
+                t0 = now()
+                for _ in range(n):
+                    context = ctxkit.clone_without_span(*VARS)
+                    if strong_set:
+                        task = loop.create_task(tick(batch), context=context)
+                        spawner.tasks.add(task)
+                        task.add_done_callback(spawner.done)
+                    else:
+                        loop.create_task(tick(batch), context=context)  # noqa: RUF006
+                await batch.done.wait()
+                await asyncio.sleep(0)
+                return now() - t0
+
+        return Variant(name, run, n)
 
     def aiojobs_variant(limit: int | None) -> Variant:
         async def run() -> int:
@@ -173,6 +198,8 @@ def variants(n: int) -> list[Variant]:
         ctxkit_variant(CTXKIT, None),
         ctxkit_variant(CTXKIT_100, 100),
         ctxkit_variant(CTXKIT_NOTRACE, None, traced=False),
+        floor(FLOOR_CLONE, strong_set=False),
+        floor(FLOOR_STRONG, strong_set=True),
         per_request(BARE_REQ, bare_go),
         per_request(HAND_REQ, hand_go),
         per_request(CTXKIT_REQ, ctxkit_go),
@@ -206,6 +233,9 @@ def run(settings: Settings) -> list[CaseResult]:
                 "100 tasks run and the other 9,900 wait in the queue",
                 "'no span active': no valid span in the caller, so each clone gets a new "
                 "fake trace id (os.urandom)",
+                "'floor' rows: ctxkit's own cached clone (public clone_without_span) and a task "
+                "run in it, bare or with the strong set, and no runner: ctxkit.spawn minus a "
+                "floor is what the runner costs (handle, counts, metrics, limits, outcome)",
                 "'per request': each spawn comes from a different request context (its own "
                 "4 var values and span), as one spawn per request handler does; ctxkit's clone "
                 "cache misses every time; each spawn includes a Context.run into the request",

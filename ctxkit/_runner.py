@@ -114,7 +114,10 @@ def current_task() -> BackgroundTask[Any] | None:
 
 def own_runner() -> BackgroundRunner | None:
     """Return the runner of the background task running this code, if it has not closed."""
-    task = current_task()
+    if not _by_native:  # current_task(), inlined: ctxkit.spawn's hot path
+        return None
+    native = current_native_task()
+    task = None if native is None else _by_native.get(native)
     if task is None or task._runner._state == "closed":
         return None
     return task._runner
@@ -1127,11 +1130,14 @@ def submit(
     propagation: Propagation,
     span: bool,
     timeout: float | None,
+    on_its_loop: bool = False,
 ) -> BackgroundTask[Any]:
     """``runner.spawn`` with its arguments as given (``ctxkit.spawn`` calls it directly).
 
     This is the hot path of ctxkit: the common case (a coroutine, default options, an open
     runner with room, called on its loop) runs straight through; every other case detours.
+    ``on_its_loop``: the caller knows that this code runs on the runner's loop (``ctxkit.spawn``
+    found the runner among that loop's), so that is not checked again.
     """
     if type(coro_or_fn) is CoroutineType and not args:
         coro: Coroutine[Any, Any, Any] = coro_or_fn
@@ -1149,7 +1155,7 @@ def submit(
         plan = plan_for(vars, "spawn")
         if runner._state != "open":
             runner._check_accepting()
-        elif runner._current_owner() is not runner._owner:
+        elif not on_its_loop and runner._current_owner() is not runner._owner:
             runner._reserve_from_thread()
             from_thread = True
         else:

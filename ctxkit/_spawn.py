@@ -48,14 +48,24 @@ def current_runner() -> BackgroundRunner:
         NoRunnerError: On trio no runner is open, or in a thread with no event loop no runner
             of the process takes work.
     """
+    return _pick()[0]
+
+
+def _pick() -> tuple[BackgroundRunner, bool]:
+    """Return ``current_runner()``, and whether it runs on the calling code's own loop.
+
+    Every runner but the process-wide one of a thread with no loop was found among the runners
+    of the calling code's loop: ``submit`` need not check that again (on Python 3.11 each
+    look-up of the running loop is a ``getpid`` system call).
+    """
     runner = own_runner()
     if runner is not None:
-        return runner
+        return runner, True
     try:
         state = loop_runners()
     except NoRunnerError:
-        return _process_runner()
-    return state.first_open or _fallback(state)
+        return _process_runner(), False
+    return state.first_open or _fallback(state), True
 
 
 def _process_runner() -> BackgroundRunner:
@@ -153,12 +163,12 @@ def spawn(
         NoRunnerError: No event loop, or trio without an open runner.
     """
     try:
-        runner = current_runner()
+        runner, on_its_loop = _pick()
     except BaseException:
         if is_coroutine(coro_or_fn):
             coro_or_fn.close()
         raise
-    return submit(runner, coro_or_fn, args, vars, name, propagation, span, timeout)
+    return submit(runner, coro_or_fn, args, vars, name, propagation, span, timeout, on_its_loop)
 
 
 async def drain(timeout: float | None = None) -> None:

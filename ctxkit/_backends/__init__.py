@@ -146,8 +146,9 @@ def _trio_running() -> bool:
 
 def current_native_task() -> object | None:
     """Return the event loop's own object for the task running this code, or None."""
-    if _get_running_loop() is not None:
-        return _asyncio_current_task()
+    loop = _get_running_loop()
+    if loop is not None:
+        return _asyncio_current_task(loop)  # given the loop, it looks it up no second time
     trio = sys.modules.get("trio")
     if trio is None:
         return None
