@@ -1,0 +1,37 @@
+"""The benchmark harness: per-round ratios, and the shuffled order it records."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import _harness
+from benchmarks._harness import Target, Variant, measure_sync
+
+
+def _run(seed: int, rounds: int = 8) -> _harness.CaseResult:
+    _harness.set_seed(seed)
+    figures = {"a": 100, "b": 200, "c": 300}
+    variants = [Variant(name, lambda f=f: f, 10) for name, f in figures.items()]
+    return measure_sync(
+        "t", "test", variants, baseline="a", rounds=rounds, targets=[Target("c/a", "c", "a", 3)]
+    )
+
+
+def test_ratios_are_per_round_against_the_baseline() -> None:
+    result = _run(1)
+    assert result.row("b").ratio == pytest.approx(2.0)
+    assert result.row("a").median == pytest.approx(10.0)  # per op: 100 over 10 ops
+    assert result.targets[0].met
+
+
+def test_each_round_runs_every_variant_once_in_a_recorded_order() -> None:
+    result = _run(1)
+    assert len(result.orders) == 1 + 8  # the warm-up round, then the measured ones
+    assert all(sorted(order) == ["a", "b", "c"] for order in result.orders)
+    assert len({tuple(order) for order in result.orders}) > 1  # shuffled, not fixed
+    assert result.as_json()["orders"] == result.orders
+
+
+def test_the_same_seed_gives_the_same_order() -> None:
+    assert _run(7).orders == _run(7).orders
+    assert _run(7).orders != _run(8).orders
