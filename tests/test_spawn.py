@@ -194,6 +194,57 @@ class TestRunnerLookupCache:
             thread.join(timeout=30)
         assert counts == {"a": (50, 50), "b": (50, 50)}
 
+    def test_trio_runs_in_two_threads_each_use_their_own_runner(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Two trio runs that open their first runner at once share one RunVar, not runners."""
+        import trio
+
+        from ctxkit import _registry
+
+        monkeypatch.setattr(_registry, "_trio_var", None)  # both runs make it, at once
+        barrier = threading.Barrier(2, timeout=10)
+        counts: dict[str, tuple[int, int]] = {}
+
+        async def serve(label: str) -> None:
+            await trio.to_thread.run_sync(barrier.wait)
+            async with ctxkit.BackgroundRunner() as runner:
+                for _ in range(50):
+                    await trio.to_thread.run_sync(barrier.wait)  # both runs spawn in turns
+                    task = ctxkit.spawn(noop)
+                    assert task._runner is runner
+                    assert ctxkit.current_runner() is runner
+                    await trio.lowlevel.checkpoint()
+            counts[label] = (runner.statistics().spawned, runner.statistics().ok)
+
+        threads = [threading.Thread(target=trio.run, args=(serve, label)) for label in "ab"]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert counts == {"a": (50, 50), "b": (50, 50)}
+
+    def test_no_event_loop_and_trio_not_imported(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Before trio is imported no trio run can exist: the lookup says "no loop" at once."""
+        import sys
+
+        from ctxkit import _registry
+
+        monkeypatch.setattr(_registry, "_trio_var", None)
+        monkeypatch.delitem(sys.modules, "trio")
+        with pytest.raises(ctxkit.NoRunnerError, match="no async event loop"):
+            _registry.loop_runners()
+        assert _registry._trio_var is None  # made once trio is imported, not before
+
+    def test_no_event_loop_with_trio_imported(self) -> None:
+        """With trio imported but no run in this thread, the lookup says "no loop" too."""
+        import trio  # noqa: F401
+
+        from ctxkit import _registry
+
+        with pytest.raises(ctxkit.NoRunnerError, match="no async event loop"):
+            _registry.loop_runners()
+
 
 @pytest.mark.anyio
 class TestDrain:
