@@ -50,6 +50,7 @@ CTXKIT_NOTRACE = "ctxkit.spawn (limit=None, no span active)"
 FLOOR_CLONE = "floor: clone_without_span + create_task"
 FLOOR_STRONG = "floor: clone_without_span + strong set"
 BARE_REQ = "bare create_task, per request"
+FLOOR_REQ = "floor: clone_without_span + strong set, per request"
 HAND_REQ = "hand-written ctxkit equivalent, per request"
 CTXKIT_REQ = "ctxkit.spawn (limit=None), per request"
 
@@ -187,6 +188,18 @@ def variants(n: int) -> list[Variant]:
     def bare_go() -> Callable[[Any], object]:
         return asyncio.create_task
 
+    def floor_go() -> Callable[[Any], object]:
+        spawner = StrongSet()
+        loop = asyncio.get_running_loop()
+
+        def go(coro: Any) -> object:
+            task = loop.create_task(coro, context=ctxkit.clone_without_span(*VARS))
+            spawner.tasks.add(task)
+            task.add_done_callback(spawner.done)
+            return task
+
+        return go
+
     return [
         Variant(BARE, bare, n),
         Variant(STRONG, strong, n),
@@ -202,6 +215,7 @@ def variants(n: int) -> list[Variant]:
         floor(FLOOR_STRONG, strong_set=True),
         per_request(BARE_REQ, bare_go),
         per_request(HAND_REQ, hand_go),
+        per_request(FLOOR_REQ, floor_go),
         per_request(CTXKIT_REQ, ctxkit_go),
     ]
 
@@ -211,6 +225,8 @@ TARGETS = (
     Target("... default limit=100, <= 2.0x bare create_task", CTXKIT_100, BARE, 2.0),
     Target("below aiojobs (both limit=100, the defaults)", CTXKIT_100, AIOJOBS, 1.0, True),
     Target("below aiojobs (both limit=None)", CTXKIT, AIOJOBS_NONE, 1.0, True),
+    Target("one spawn per request <= 1.0x the hand-written equivalent", CTXKIT_REQ, HAND_REQ, 1.0),
+    Target("one spawn per request <= 2.5x bare create_task", CTXKIT_REQ, BARE_REQ, 2.5),
 )
 
 
