@@ -690,7 +690,9 @@ class BackgroundRunner:
             inside a span named ``name`` (default: the coroutine's ``__qualname__``), kind
             INTERNAL, attributes ``ctxkit.async``, ``ctxkit.task.name`` and, at its end,
             ``ctxkit.task.outcome``; the span is current in the task, so the task's own spans
-            nest under it. ``propagation="child"`` makes it a child of the caller's current
+            nest under it (unless the sampler dropped it as it did the caller's span: then the
+            caller's span stays current, under which they are sampled alike, see
+            docs/background.md). ``propagation="child"`` makes it a child of the caller's current
             span, ``"link"`` a new trace linked to it, ``"none"`` a new trace. With
             ``span=False`` there is no task span and the task keeps the caller's trace id
             (or a fake one), as ``clone_without_span``.
