@@ -63,6 +63,14 @@ def request_span() -> trace.Span:
     )
 
 
+def unsampled_request_span() -> trace.Span:
+    """Return ``request_span()``'s twin not sampled: the request's trace was sampled out."""
+    sampled = request_span().get_span_context()
+    return NonRecordingSpan(
+        SpanContext(sampled.trace_id, sampled.span_id, False, TraceFlags(TraceFlags.DEFAULT))
+    )
+
+
 def request_context(i: int, vars: Sequence[ContextVar[str]] = VARS) -> Context:
     """Return the context of request number ``i``: ``vars`` set to values unique to it, and a
     valid span of its own (a new trace id per request), as an instrumented handler has."""
@@ -193,6 +201,18 @@ class StrongSet:
         self.tasks.add(task)
         task.add_done_callback(self._done)
         return task
+
+
+class StrongSpan(StrongSet):
+    """``StrongSet`` plus a span per task, started at spawn and ended with the task (not made
+    current, no vars carried): the strong-set pattern with a span."""
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        return super().spawn(_in_span(coro, self.tracer.start_span("task")))
 
 
 def _install(values: Sequence[tuple[ContextVar[Any], object]], otel: otel_context.Context) -> None:

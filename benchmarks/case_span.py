@@ -43,11 +43,21 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 import ctxkit
 
-from ._common import VARS, Batch, HandSpan, NoOpExporter, now, ratio_requests, set_vars, tick
+from ._common import (
+    VARS,
+    Batch,
+    HandSpan,
+    NoOpExporter,
+    now,
+    ratio_requests,
+    request_span,
+    set_vars,
+    tick,
+    unsampled_request_span,
+)
 from ._harness import Target, Variant, measure
 
 if TYPE_CHECKING:
@@ -69,6 +79,9 @@ CTXKIT_METRICS = "ctxkit.spawn, SDK, SDK meter"
 OTEL_RATIO = "otel-asyncio, SDK 10% ratio sampler"
 CTXKIT_RATIO = "ctxkit.spawn, SDK 10% ratio sampler"
 HAND_RATIO = "hand-written, SDK 10% ratio sampler"
+FLOOR = "floor: spawn(span=False) + SDK span with ctxkit's attributes"
+FLOOR_BARE = "floor: spawn(span=False) + SDK span, no attributes"
+FLOOR_RATIO = "floor: spawn(span=False) + SDK span with ctxkit's attributes, 10% ratio"
 
 #: Tasks spawned from each request context in the ratio-sampler variants.
 PER_REQUEST = 10
@@ -94,17 +107,21 @@ L_OTEL_REC = "otel-asyncio, span recorded"
 L_FLOOR_OUT = "floor: bare + SDK start_span/end, sampled out"
 L_FLOOR_REC = "floor: bare + SDK start_span/end, recorded"
 
+L_FLOOR_CTX_OUT = "floor: spawn(span=False) + SDK span, sampled out"
+
 LADDER_TARGETS = (
-    Target("span sampled out <= 1.0x otel-asyncio's sampled out", L_OUT, L_OTEL_OUT, 1.0),
+    Target(
+        "span sampled out <= 1.1x spawn(span=False) + the SDK's own sampled-out span",
+        L_OUT,
+        L_FLOOR_CTX_OUT,
+        1.1,
+    ),
 )
 
 
 def _parent(sampled: bool) -> otel_context.Context:
     """Return an OpenTelemetry context whose current span is a valid local one, sampled or not."""
-    flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
-    span = NonRecordingSpan(
-        SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, False, flags)
-    )
+    span = request_span() if sampled else unsampled_request_span()
     return trace.set_span_in_context(span, otel_context.Context())
 
 
@@ -220,6 +237,9 @@ def variants(n: int, s: _Setup) -> list[Variant]:
         otel_in(OTEL_RATIO, n, s.ratio, requests, s.noop_meter),
         ctx_in(CTXKIT_RATIO, n, s.ratio, requests, s.noop_meter, ref=OTEL_RATIO),
         hand_in(HAND_RATIO, n, s.ratio, requests, ref=OTEL_RATIO),
+        floor(FLOOR, n, s.plain, None, ref=OTEL),
+        floor(FLOOR_BARE, n, s.plain, None, attributes=False, ref=OTEL),
+        floor(FLOOR_RATIO, n, s.ratio, requests, ref=OTEL_RATIO),
         otel(OTEL_BSP, s.batched, s.noop_meter),
         ctx(CTXKIT_BSP, s.batched, s.noop_meter, OTEL_BSP),
         hand(HAND_BSP, s.batched, OTEL_BSP),
@@ -290,6 +310,48 @@ def hand_in(
     return Variant(name, run, n, ref=ref)
 
 
+def floor(
+    name: str,
+    n: int,
+    tp: TracerProvider,
+    requests: Sequence[otel_context.Context] | None,
+    *,
+    attributes: bool = True,
+    ref: str,
+) -> Variant:
+    """``ctxkit.spawn(span=False)`` plus, beside it, the SDK's part of a ctxkit task span.
+
+    The span is started (with ctxkit's two start attributes, or none), given the outcome
+    attribute (with them) and ended at spawn, and never made current: what is left of ctxkit's
+    span cost if all of its own span handling cost nothing. ``requests`` None: every spawn
+    under one recording request span, as the always-on variants.
+    """
+    tracer = tp.get_tracer("bench")
+    kind = trace.SpanKind.INTERNAL
+
+    async def run() -> int:
+        batch = Batch(n, asyncio.Event())
+
+        def spawn() -> None:
+            ctxkit.spawn(tick(batch), vars=VARS, span=False)
+            if attributes:
+                span = tracer.start_span(
+                    "tick", kind=kind, attributes={"ctxkit.async": True, "ctxkit.task.name": "tick"}
+                )
+                span.set_attribute("ctxkit.task.outcome", "ok")
+            else:
+                span = tracer.start_span("tick", kind=kind)
+            span.end()
+
+        async with ctxkit.BackgroundRunner(limit=None, tracer_provider=tp):
+            if requests is not None:
+                return await _drive(requests, spawn, batch)
+            with tracer.start_as_current_span("request"):
+                return await _drive([otel_context.get_current()], spawn, batch)
+
+    return Variant(name, run, n, ref=ref)
+
+
 def ladder(n: int, s: _Setup) -> list[Variant]:
     """Return the variants of case 2b: no span, a span sampled out, a span recorded."""
     out, rec = [_parent(False)], [_parent(True)]
@@ -299,7 +361,7 @@ def ladder(n: int, s: _Setup) -> list[Variant]:
         batch = Batch(n, asyncio.Event())
         return await _drive(out, lambda: asyncio.create_task(tick(batch)), batch)
 
-    def floor(name: str, requests: Sequence[otel_context.Context]) -> Variant:
+    def bare_floor(name: str, requests: Sequence[otel_context.Context]) -> Variant:
         def spawn_one(batch: Batch) -> None:
             asyncio.create_task(tick(batch))  # noqa: RUF006 - as the bare baseline
             tracer.start_span("tick").end()
@@ -318,8 +380,9 @@ def ladder(n: int, s: _Setup) -> list[Variant]:
         ctx_in(L_REC, n, s.ratio, rec, noop, ref=L_NO_SPAN),
         otel_in(L_OTEL_OUT, n, s.ratio, out, noop),
         otel_in(L_OTEL_REC, n, s.ratio, rec, noop),
-        floor(L_FLOOR_OUT, out),
-        floor(L_FLOOR_REC, rec),
+        bare_floor(L_FLOOR_OUT, out),
+        bare_floor(L_FLOOR_REC, rec),
+        floor(L_FLOOR_CTX_OUT, n, s.ratio, out, ref=L_NO_SPAN),
     ]
 
 
@@ -365,9 +428,11 @@ def run(settings: Settings) -> list[CaseResult]:
                     f"spans from a ParentBased(TraceIdRatioBased({RATE})) provider without "
                     "processor; every task of a batch spawned under one request span, not "
                     "sampled (sampled out) or sampled (recorded)",
-                    "vs ref: ctxkit's rungs against span=False, the floors against bare",
-                    "floor: the SDK's start_span + end of one span per task, no attributes, "
-                    "with a bare create_task",
+                    "vs ref: ctxkit's rungs and its floor against span=False, the bare "
+                    "floors against bare",
+                    "floor, bare: the SDK's start_span + end of one span per task, no "
+                    "attributes, beside a bare create_task; floor, spawn(span=False): the SDK's "
+                    "part of ctxkit's task span (its attributes), never made current",
                 ],
             )
             return [main_table, ladder_table]
