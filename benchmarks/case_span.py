@@ -237,9 +237,9 @@ def variants(n: int, s: _Setup) -> list[Variant]:
         otel_in(OTEL_RATIO, n, s.ratio, requests, s.noop_meter),
         ctx_in(CTXKIT_RATIO, n, s.ratio, requests, s.noop_meter, ref=OTEL_RATIO),
         hand_in(HAND_RATIO, n, s.ratio, requests, ref=OTEL_RATIO),
-        floor(FLOOR, n, s.plain, None, ref=OTEL),
-        floor(FLOOR_BARE, n, s.plain, None, attributes=False, ref=OTEL),
-        floor(FLOOR_RATIO, n, s.ratio, requests, ref=OTEL_RATIO),
+        floor(FLOOR, n, s.plain, None, s.noop_meter, ref=OTEL),
+        floor(FLOOR_BARE, n, s.plain, None, s.noop_meter, attributes=False, ref=OTEL),
+        floor(FLOOR_RATIO, n, s.ratio, requests, s.noop_meter, ref=OTEL_RATIO),
         otel(OTEL_BSP, s.batched, s.noop_meter),
         ctx(CTXKIT_BSP, s.batched, s.noop_meter, OTEL_BSP),
         hand(HAND_BSP, s.batched, OTEL_BSP),
@@ -315,6 +315,7 @@ def floor(
     n: int,
     tp: TracerProvider,
     requests: Sequence[otel_context.Context] | None,
+    mp: Any,
     *,
     attributes: bool = True,
     ref: str,
@@ -343,7 +344,7 @@ def floor(
                 span = tracer.start_span("tick", kind=kind)
             span.end()
 
-        async with ctxkit.BackgroundRunner(limit=None, tracer_provider=tp):
+        async with ctxkit.BackgroundRunner(limit=None, tracer_provider=tp, meter_provider=mp):
             if requests is not None:
                 return await _drive(requests, spawn, batch)
             with tracer.start_as_current_span("request"):
@@ -382,7 +383,7 @@ def ladder(n: int, s: _Setup) -> list[Variant]:
         otel_in(L_OTEL_REC, n, s.ratio, rec, noop),
         bare_floor(L_FLOOR_OUT, out),
         bare_floor(L_FLOOR_REC, rec),
-        floor(L_FLOOR_CTX_OUT, n, s.ratio, out, ref=L_NO_SPAN),
+        floor(L_FLOOR_CTX_OUT, n, s.ratio, out, noop, ref=L_NO_SPAN),
     ]
 
 
