@@ -205,7 +205,11 @@ class BackgroundTask(Generic[T]):
 
     @property
     def span_context(self) -> trace.SpanContext:
-        """The task span's context (invalid with ``span=False`` or when tracing is a no-op)."""
+        """The task span's context; invalid when the task has no span of its own.
+
+        That is with ``span=False``, when tracing is a no-op, and when the sampler dropped the
+        span as it did the caller's span, which then stands in for it in the task.
+        """
         if self._span is None:
             return trace.INVALID_SPAN_CONTEXT
         return self._span.get_span_context()
@@ -1174,6 +1178,13 @@ def submit(
             attributes={"ctxkit.async": True, "ctxkit.task.name": name},
         )
         context, span_context = build_clone(plan, None, task_span, propagation)
+        if (
+            type(task_span) is trace.NonRecordingSpan
+            and span_context != task_span.get_span_context()
+        ):
+            # Dropped like the caller's span, which stands in for it in the task (see
+            # dropped_like): the task has no span of its own, as with span=False.
+            task_span = None
     else:
         context, span_context = plan.current()
     task = BackgroundTask(

@@ -118,7 +118,7 @@ class TestSpawn:
     ) -> None:
         """Under a local parent that was not sampled the task span is dropped like it: the
         caller's span stays current in the task, with the same trace id; nothing is exported;
-        the handle still has the dropped span's context."""
+        the handle has no span, as with span=False."""
         provider = provider_for(ParentBased(ALWAYS_ON))
         seen = Seen()
         parent = parent_span(sampled=False)
@@ -128,10 +128,18 @@ class TestSpawn:
         assert seen.span == parent.get_span_context()
         assert seen.trace_id == handle.trace_id == f"{TRACE_ID:032x}"
         assert exporter.get_finished_spans() == ()
-        assert handle.span_context.is_valid
-        assert handle.span_context.trace_id == TRACE_ID
-        assert handle.span_context.span_id != SPAN_ID
-        assert not handle.span_context.trace_flags.sampled
+        assert handle.span_context == trace.INVALID_SPAN_CONTEXT
+
+    async def test_no_op_tracer_keeps_the_callers_span(self, make_runner: MakeRunner) -> None:
+        """Without an SDK the tracer hands back the caller's span: it stays current, and the
+        handle's span context is the caller's (as before dropped spans had a stand-in)."""
+        seen = Seen()
+        parent = parent_span(sampled=True)
+        async with make_runner(tracer_provider=trace.NoOpTracerProvider()) as runner:
+            with trace.use_span(parent):
+                handle = runner.spawn(work(seen, trace.NoOpTracer()), name="job")
+        assert seen.span == handle.span_context == parent.get_span_context()
+        assert handle.trace_id == f"{TRACE_ID:032x}"
 
     async def test_error_in_a_dropped_task_is_still_reported(
         self, make_runner: MakeRunner, provider_for: Any, exporter: InMemorySpanExporter
