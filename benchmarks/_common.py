@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from contextvars import Context, ContextVar
 from typing import TYPE_CHECKING, Any, Final
@@ -24,6 +25,7 @@ from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags
 
 if TYPE_CHECKING:
@@ -61,6 +63,14 @@ def request_span() -> trace.Span:
     )
 
 
+def unsampled_request_span() -> trace.Span:
+    """Return ``request_span()``'s twin not sampled: the request's trace was sampled out."""
+    sampled = request_span().get_span_context()
+    return NonRecordingSpan(
+        SpanContext(sampled.trace_id, sampled.span_id, False, TraceFlags(TraceFlags.DEFAULT))
+    )
+
+
 def request_context(i: int, vars: Sequence[ContextVar[str]] = VARS) -> Context:
     """Return the context of request number ``i``: ``vars`` set to values unique to it, and a
     valid span of its own (a new trace id per request), as an instrumented handler has."""
@@ -81,6 +91,33 @@ def request_context(i: int, vars: Sequence[ContextVar[str]] = VARS) -> Context:
     ctx = Context()
     ctx.run(fill)
     return ctx
+
+
+def ratio_requests(n: int, rate: float) -> list[otel_context.Context]:
+    """Return the OpenTelemetry contexts of ``n`` requests under ``TraceIdRatioBased(rate)``.
+
+    Each holds a valid local span of a trace of its own, sampled as that sampler decides for its
+    trace id at the root of the request; the trace ids are spread evenly over the sampler's range
+    (in a fixed shuffled order), so that exactly ``round(n * rate)`` of them are sampled, spread
+    over the list, and every run sees the same mix.
+    """
+    sampler = TraceIdRatioBased(rate)
+    lows = [((2 * i + 1) << 64) // (2 * n) for i in range(n)]  # the middle of each step
+    random.Random(15).shuffle(lows)
+    result = []
+    for i, low in enumerate(lows):
+        trace_id = ((0x0AF76519 + i) << 64) | low
+        sampled = sampler.should_sample(None, trace_id, "request").decision.is_sampled()
+        span = NonRecordingSpan(
+            SpanContext(
+                trace_id=trace_id,
+                span_id=0xB7AD6B7169200000 + i + 1,
+                is_remote=False,
+                trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT),
+            )
+        )
+        result.append(trace.set_span_in_context(span, otel_context.Context()))
+    return result
 
 
 class Batch:
@@ -165,6 +202,18 @@ class StrongSet:
         self.tasks.add(task)
         task.add_done_callback(self.done)
         return task
+
+
+class StrongSpan(StrongSet):
+    """``StrongSet`` plus a span per task, started at spawn and ended with the task (not made
+    current, no vars carried): the strong-set pattern with a span."""
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        return super().spawn(_in_span(coro, self.tracer.start_span("task")))
 
 
 def _install(values: Sequence[tuple[ContextVar[Any], object]], otel: otel_context.Context) -> None:

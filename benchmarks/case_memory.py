@@ -17,10 +17,22 @@ from typing import TYPE_CHECKING
 import aiojobs
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 import ctxkit
 
-from ._common import VARS, Gate, HandClone, HandSpan, StrongSet, blocked, request_span, set_vars
+from ._common import (
+    VARS,
+    Gate,
+    HandClone,
+    HandSpan,
+    StrongSet,
+    StrongSpan,
+    blocked,
+    request_span,
+    set_vars,
+    unsampled_request_span,
+)
 from ._harness import Target, Variant, measure
 
 if TYPE_CHECKING:
@@ -32,11 +44,13 @@ TITLE = "memory per pending task (asyncio, tracemalloc)"
 
 BARE = "bare create_task (+ list)"
 STRONG = "strong set + done-callback"
+STRONG_SPAN = "strong set + span (SDK)"
 HAND = "hand-written ctxkit equivalent"
 HAND_SPAN = "hand-written + span (SDK)"
 AIOJOBS = "aiojobs (limit=None)"
 CTXKIT = "ctxkit.spawn, no span"
 CTXKIT_SPAN = "ctxkit.spawn, span (SDK)"
+CTXKIT_SPAN_OUT = "ctxkit.spawn, span sampled out"
 
 
 async def _held(n: int, spawn: Callable[[Gate], Awaitable[object] | object]) -> int:
@@ -57,7 +71,7 @@ async def _held(n: int, spawn: Callable[[Gate], Awaitable[object] | object]) -> 
     return held
 
 
-def variants(n: int, provider: TracerProvider) -> list[Variant]:
+def variants(n: int, provider: TracerProvider, ratio: TracerProvider) -> list[Variant]:
     """Return the variants, each holding ``n`` pending tasks."""
     tracer = provider.get_tracer("bench")
 
@@ -88,6 +102,10 @@ def variants(n: int, provider: TracerProvider) -> list[Variant]:
         with tracer.start_as_current_span("request"):
             return await with_spawner(HandSpan(tracer, VARS))
 
+    async def strong_span() -> int:
+        with tracer.start_as_current_span("request"):
+            return await with_spawner(StrongSpan(tracer))
+
     async def aiojobs_variant() -> int:
         scheduler = aiojobs.Scheduler(limit=None)
         await scheduler.spawn(asyncio.sleep(0))  # its helper task exists before the reading
@@ -97,12 +115,16 @@ def variants(n: int, provider: TracerProvider) -> list[Variant]:
         finally:
             await scheduler.wait_and_close()
 
-    def ctxkit_variant(span: bool) -> Callable[[], Awaitable[int]]:
+    def ctxkit_variant(span: bool, sampled: bool = True) -> Callable[[], Awaitable[int]]:
         async def run() -> int:
             async with ctxkit.BackgroundRunner(
-                limit=None, pending_limit=None, tracer_provider=provider
+                limit=None, pending_limit=None, tracer_provider=provider if sampled else ratio
             ):
-                with tracer.start_as_current_span("request"):
+                with (
+                    tracer.start_as_current_span("request")
+                    if sampled
+                    else trace.use_span(unsampled_request_span())
+                ):
                     return await _held(
                         n, lambda gate: ctxkit.spawn(blocked(gate), span=span, vars=VARS)
                     )
@@ -114,13 +136,23 @@ def variants(n: int, provider: TracerProvider) -> list[Variant]:
         Variant(BARE, bare, n),
         Variant(HAND, hand, n),
         Variant(HAND_SPAN, hand_span, n),
+        Variant(STRONG_SPAN, strong_span, n),
         Variant(AIOJOBS, aiojobs_variant, n),
         Variant(CTXKIT, ctxkit_variant(False), n, ref=HAND),
         Variant(CTXKIT_SPAN, ctxkit_variant(True), n, ref=HAND_SPAN),
+        Variant(CTXKIT_SPAN_OUT, ctxkit_variant(True, sampled=False), n, ref=CTXKIT),
     ]
 
 
-TARGETS = (Target("memory per pending task without span <= 1.3x strong set", CTXKIT, STRONG, 1.3),)
+TARGETS = (
+    Target("memory per pending task without span <= 1.3x strong set", CTXKIT, STRONG, 1.3),
+    Target(
+        "memory per pending task with span <= 1.3x strong set with span",
+        CTXKIT_SPAN,
+        STRONG_SPAN,
+        1.3,
+    ),
+)
 
 
 def run(settings: Settings) -> list[CaseResult]:
@@ -131,11 +163,12 @@ def run(settings: Settings) -> list[CaseResult]:
     async def main() -> CaseResult:
         set_vars()
         provider = TracerProvider()
+        ratio = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1)))
         try:
             return await measure(
                 "5",
                 f"{TITLE}, {n:,} tasks",
-                variants(n, provider),
+                variants(n, provider, ratio),
                 baseline=STRONG,
                 rounds=rounds,
                 warmup=0,
@@ -147,9 +180,14 @@ def run(settings: Settings) -> list[CaseResult]:
                     "valid one (the others)",
                     "the event loop's own per-task bookkeeping (its weak set of all tasks, the "
                     "ready queue) is included for every variant",
+                    "strong set + span: the strong-set pattern with an SDK span per task, "
+                    "started at spawn and ended with the task; span sampled out: a "
+                    "ParentBased(TraceIdRatioBased(0.1)) provider under a request span that was "
+                    "not sampled",
                 ],
             )
         finally:
             provider.shutdown()
+            ratio.shutdown()
 
     return [asyncio.run(main())]

@@ -19,6 +19,7 @@ from opentelemetry import trace
 from ._trace import (
     PROPAGATIONS,
     detached_otel_context,
+    dropped_like,
     fake_trace_id_var,
     get_tracer,
     new_fake_trace_id,
@@ -352,7 +353,9 @@ def build_clone(
 
     With ``span`` None the clone keeps the source's current span (``clone_without_span``);
     otherwise ``span`` becomes current in it, unless it is invalid (a no-op tracer), in which
-    case a ``"child"`` clone keeps the source's span and other modes keep no span.
+    case a ``"child"`` clone keeps the source's span and other modes keep no span, or unless the
+    sampler dropped it as the source's span was (``dropped_like``), in which case the source's
+    span stays current: spans started in the clone are sampled alike, with the same trace id.
 
     Returns:
         The clone, and the span context current in it (invalid when only a fake id is there).
@@ -365,6 +368,8 @@ def build_clone(
             # The span-less clone of the caller (usually a cached one) with ``span`` made
             # current in it: same vars, baggage and fake id, one OpenTelemetry entry changed.
             result, parent = plan.current()
+            if dropped_like(span, span_context, parent):
+                return result, parent  # sampled out as the caller's span: it stands in
             if parent.is_valid:  # else the clone got a fake id it does not need: build anew
                 result.run(_make_current, span)
                 return result, span_context
@@ -375,12 +380,12 @@ def build_clone(
         values, otel_src, fake = _read(plan, source)
         if span is None:
             return _build_current(plan, values, otel_src, fake)
-    current: trace.Span
-    if span.get_span_context().is_valid:
-        current = span
-    elif propagation == "child":
-        current = trace.get_current_span(otel_src)
-    else:
+    current: trace.Span = trace.get_current_span(otel_src)
+    span_context = span.get_span_context()
+    if span_context.is_valid:
+        if not dropped_like(span, span_context, current.get_span_context()):
+            current = span
+    elif propagation != "child":
         current = trace.INVALID_SPAN
     otel = detached_otel_context(otel_src, current)
     span_context = current.get_span_context()
@@ -437,8 +442,9 @@ def clone(
         Like ``clone_without_span``, and it also marks the fork with one span named
         ``ctxkit.clone``, kind INTERNAL, attribute ``ctxkit.async = True``. The marker is
         already ended when ``clone()`` returns and is the current span in the returned
-        context, so spans started there are its children. The caller's current span and
-        context are never changed.
+        context, so spans started there are its children (unless the sampler dropped it as it
+        did the source's span: then the source's span stays current, under which they are
+        sampled alike). The caller's current span and context are never changed.
 
         - ``propagation="child"``: the marker is a child of the source's current span (same
           trace id), or a root when no span is active.

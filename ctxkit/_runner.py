@@ -205,7 +205,11 @@ class BackgroundTask(Generic[T]):
 
     @property
     def span_context(self) -> trace.SpanContext:
-        """The task span's context (invalid with ``span=False`` or when tracing is a no-op)."""
+        """The task span's context; invalid when the task has no span of its own.
+
+        That is with ``span=False``, when tracing is a no-op, and when the sampler dropped the
+        span as it did the caller's span, which then stands in for it in the task.
+        """
         if self._span is None:
             return trace.INVALID_SPAN_CONTEXT
         return self._span.get_span_context()
@@ -690,7 +694,9 @@ class BackgroundRunner:
             inside a span named ``name`` (default: the coroutine's ``__qualname__``), kind
             INTERNAL, attributes ``ctxkit.async``, ``ctxkit.task.name`` and, at its end,
             ``ctxkit.task.outcome``; the span is current in the task, so the task's own spans
-            nest under it. ``propagation="child"`` makes it a child of the caller's current
+            nest under it (unless the sampler dropped it as it did the caller's span: then the
+            caller's span stays current, under which they are sampled alike, see
+            docs/background.md). ``propagation="child"`` makes it a child of the caller's current
             span, ``"link"`` a new trace linked to it, ``"none"`` a new trace. With
             ``span=False`` there is no task span and the task keeps the caller's trace id
             (or a fake one), as ``clone_without_span``.
@@ -1179,6 +1185,13 @@ def submit(
             attributes={"ctxkit.async": True, "ctxkit.task.name": name},
         )
         context, span_context = build_clone(plan, None, task_span, propagation)
+        if (
+            type(task_span) is trace.NonRecordingSpan
+            and span_context != task_span.get_span_context()
+        ):
+            # Dropped like the caller's span, which stands in for it in the task (see
+            # dropped_like): the task has no span of its own, as with span=False.
+            task_span = None
     else:
         context, span_context = plan.current()
     task = BackgroundTask(

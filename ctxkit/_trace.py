@@ -33,6 +33,7 @@ __all__ = [
     "Retries",
     "current_trace_id",
     "detached_otel_context",
+    "dropped_like",
     "get_tracer",
     "hex_trace_id",
     "inherited_trace_id_var",
@@ -167,6 +168,33 @@ def detached_otel_context(
         for key, value in entries.items():
             result = otel_baggage.set_baggage(key, value, result)
     return result
+
+
+def dropped_like(
+    span: trace.Span, span_context: trace.SpanContext, parent: trace.SpanContext
+) -> bool:
+    """Return True when ``span`` (whose context is ``span_context``) was dropped like ``parent``.
+
+    That is, with ``span_context`` valid: ``span`` is a ``NonRecordingSpan`` (what a tracer
+    returns for a span its sampler dropped; an SDK span that has merely ended is not one),
+    ``parent`` is local, and the two differ in nothing but the span id -- same trace id, trace
+    flags and trace state. (An invalid ``parent`` never matches: the SDK gives the child of one
+    a new trace id.) Spans started under either get the same sampling decision
+    (``ParentBased`` and ctxkit's ``LinkAwareSampler`` look at exactly those fields) and the
+    same trace id, an outgoing ``traceparent`` the same flags, and neither span is exported:
+    ``span`` need not be made current, ``parent`` stands in for it.
+    """
+    # The exact type: an isinstance check of an SDK span against the ABC costs more than all
+    # the rest, and a subclass only keeps the general behaviour (made current).
+    if type(span) is not trace.NonRecordingSpan or span_context.trace_id != parent.trace_id:
+        return False
+    state = span_context.trace_state
+    parent_state = parent.trace_state
+    return (
+        span_context.trace_flags == parent.trace_flags
+        and not parent.is_remote
+        and (state is parent_state or state == parent_state)
+    )
 
 
 def start_span(
