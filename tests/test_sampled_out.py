@@ -34,10 +34,28 @@ TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
 SPAN_ID = 0xB7AD6B7169203331
 
 
+def _sdk_flag_bits() -> int:
+    """The trace-flag bits besides "sampled" that this SDK gives the spans it makes.
+
+    OpenTelemetry SDK 1.42 sets 0x02 ("random trace id") on every span it makes; later ones
+    copy the parent's bits. A parent made by the SDK carries them too, so the parent spans
+    of these tests do, as a request span of the same SDK would.
+    """
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_ON))
+    parent = NonRecordingSpan(SpanContext(TRACE_ID, SPAN_ID, False, TraceFlags(0)))
+    child = provider.get_tracer("probe").start_span(
+        "probe", context=trace.set_span_in_context(parent)
+    )
+    return int(child.get_span_context().trace_flags) & ~TraceFlags.SAMPLED
+
+
+SDK_FLAG_BITS = _sdk_flag_bits()
+
+
 def parent_span(
     sampled: bool, *, remote: bool = False, state: TraceState | None = None
 ) -> trace.Span:
-    flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+    flags = TraceFlags((TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT) | SDK_FLAG_BITS)
     return NonRecordingSpan(SpanContext(TRACE_ID, SPAN_ID, remote, flags, state))
 
 
