@@ -144,7 +144,7 @@ class _Plan:
     calls cost, on every spawn (benchmarks/RESULTS.md says what it buys).
     """
 
-    __slots__ = ("cache", "current", "fill", "read", "registered", "vars")
+    __slots__ = ("cache", "current", "fill", "read", "registered", "valid_span_context", "vars")
 
     def __init__(self, selected: tuple[ContextVar[Any], ...]) -> None:
         self.vars = selected
@@ -164,6 +164,9 @@ class _Plan:
             ]
             | None
         ) = None
+        #: The span context of ``cache``'s clone when it is valid, else None: a caller that
+        #: got that very object from ``current()`` knows it is valid without asking.
+        self.valid_span_context: trace.SpanContext | None = None
         count = len(selected)
         names = [f"_v{i}" for i in range(count)]
         defaults = "".join(f"{name}={name}, " for name in names)
@@ -330,6 +333,7 @@ def _build_current(
     # The source's OTel context is the cache key: held as it is when the clone holds it
     # anyway, else weakly (the cache never keeps the rest of a request's context alive).
     key = otel if otel is otel_src else weakref.ref(otel_src)
+    plan.valid_span_context = span_context if span_context.is_valid else None
     plan.cache = (values, key, fake, result, span_context, traceless)
     if traceless:
         return _with_new_fake(result), span_context

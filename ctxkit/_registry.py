@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from ._runner import BackgroundRunner
 
-__all__ = ["LoopRunners", "loop_runners", "process_runners"]
+__all__ = ["LoopRunners", "loop_runners", "loop_runners_here", "process_runners"]
 
 
 class LoopRunners:
@@ -35,6 +35,7 @@ class LoopRunners:
         "implicit",
         "implicit_allowed",
         "runners",
+        "sole",
     )
 
     def __init__(self, implicit_allowed: bool) -> None:
@@ -48,6 +49,9 @@ class LoopRunners:
         self.ever_opened = False
         #: Whether this loop may get an implicit runner (asyncio; trio has none).
         self.implicit_allowed = implicit_allowed
+        #: The runner ``ctxkit.spawn`` picks here whoever calls, background task or not, when
+        #: there is only one it could pick (``refresh`` keeps it so); else None.
+        self.sole: BackgroundRunner | None = None
 
     def add(self, runner: BackgroundRunner) -> None:
         """Record an entered runner."""
@@ -61,15 +65,35 @@ class LoopRunners:
             self.runners.remove(runner)
         self.refresh()
 
+    def set_implicit(self, runner: BackgroundRunner) -> None:
+        """Record the loop's implicit runner, just made."""
+        self.implicit = runner
+        self.refresh()
+
     def refresh(self) -> None:
-        """Work out ``first_open`` again (a runner was added, removed, or stopped accepting)."""
-        self.first_open = next((runner for runner in self.runners if runner.accepting), None)
+        """Work out ``first_open`` and ``sole`` again (a runner came, went or stopped accepting).
+
+        ``sole`` is the one runner of the loop when that is what ``current_runner()`` returns to
+        every caller: the only entered runner while it takes work (a task of a runner of
+        another loop cannot run here, and one of a closed runner falls back to the open one),
+        or the implicit runner while no runner was ever entered. Then ``ctxkit.spawn`` need not
+        find out which background task, if any, is calling.
+        """
+        runners = self.runners
+        self.first_open = next((runner for runner in runners if runner.accepting), None)
+        if self.implicit is not None:
+            self.sole = None if self.ever_opened else self.implicit
+        else:
+            self.sole = self.first_open if len(runners) == 1 else None
 
 
 _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopRunners] = (
     weakref.WeakKeyDictionary()
 )
-_last: tuple[weakref.ref[asyncio.AbstractEventLoop], LoopRunners] | None = None
+#: The asyncio loop whose runners were looked up last (weakly), and its runners: the one
+#: look-up that ``loop_runners_here`` keeps. Read, never written, by ``ctxkit.spawn``'s hot
+#: path, which inlines ``loop_runners_here``'s first case.
+last: tuple[weakref.ref[asyncio.AbstractEventLoop], LoopRunners] | None = None
 #: The runners of each trio run, made when first needed with trio imported (trio is optional).
 #: trio's own RunVar, not anyio's: one dict lookup against ~3 us, on every ctxkit.spawn.
 _trio_var: RunVar[LoopRunners] | None = None
@@ -82,17 +106,29 @@ def loop_runners() -> LoopRunners:
     Raises:
         NoRunnerError: No event loop runs in this thread.
     """
-    global _last
+    state = loop_runners_here()
+    if state is None:
+        raise NoRunnerError(
+            "no async event loop is running in this thread; call ctxkit.spawn from async "
+            "code (from another thread, hand the call to the loop with "
+            "anyio.from_thread.run_sync or loop.call_soon_threadsafe)"
+        )
+    return state
+
+
+def loop_runners_here() -> LoopRunners | None:
+    """Return the runners of the event loop running in this thread, or None if none runs."""
+    global last
     loop = asyncio._get_running_loop()
     if loop is not None:
-        last = _last
-        if last is not None and last[0]() is loop:
-            return last[1]
+        seen = last
+        if seen is not None and seen[0]() is loop:
+            return seen[1]
         try:
             state = _by_loop[loop]
         except KeyError:
             state = _by_loop[loop] = LoopRunners(implicit_allowed=True)
-        _last = (weakref.ref(loop), state)
+        last = (weakref.ref(loop), state)
         return state
     run_var = _trio_var if _trio_var is not None else _make_trio_var()
     if run_var is not None:
@@ -104,11 +140,7 @@ def loop_runners() -> LoopRunners:
             return state
         except RuntimeError:  # trio is imported but not running in this thread
             pass
-    raise NoRunnerError(
-        "no async event loop is running in this thread; call ctxkit.spawn from async "
-        "code (from another thread, hand the call to the loop with "
-        "anyio.from_thread.run_sync or loop.call_soon_threadsafe)"
-    )
+    return None
 
 
 def _make_trio_var() -> RunVar[LoopRunners] | None:

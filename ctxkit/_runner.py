@@ -32,7 +32,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from ._backends import current_native_task, open_backend
+from ._backends import current_handle, current_native_task, open_backend
 from ._clone import build_clone, plan_for
 from ._dump import install_from_environment
 from ._errors import (
@@ -91,14 +91,6 @@ _OUTCOME_VALUES: Final = {id(outcome): outcome.value for outcome in TaskOutcome}
 _STARTED: Final = 1  # its first step ran
 _CANCEL_REQUESTED: Final = 2  # cancel() was called: by the user or the runner's shutdown
 
-#: The handle of every background task that has started and not yet finished, by the event
-#: loop's own object for it (an ``asyncio.Task``, a trio task): ``current_task()`` looks the
-#: running code's loop task up here. A map rather than a ContextVar set in each task: setting a
-#: var copies a node of the context's HAMT per task (~150 bytes and a ``Token``, benchmarks/
-#: case 5), and a plain child task started by a background task, which would inherit the var,
-#: is simply not in the map. Only loop threads change it (a dict operation is atomic).
-_by_native: dict[object, BackgroundTask[Any]] = {}
-
 
 def current_task() -> BackgroundTask[Any] | None:
     """Return the handle of the background task running this code, or None outside one.
@@ -106,18 +98,12 @@ def current_task() -> BackgroundTask[Any] | None:
     A plain task started by a background task (``asyncio.create_task``, a nursery) is not
     the background task: there this returns None.
     """
-    if not _by_native:
-        return None
-    native = current_native_task()
-    return None if native is None else _by_native.get(native)
+    return current_handle()  # type: ignore[return-value]
 
 
 def own_runner() -> BackgroundRunner | None:
     """Return the runner of the background task running this code, if it has not closed."""
-    if not _by_native:  # current_task(), inlined: ctxkit.spawn's hot path
-        return None
-    native = current_native_task()
-    task = None if native is None else _by_native.get(native)
+    task = current_task()
     if task is None or task._runner._state == "closed":
         return None
     return task._runner
@@ -157,7 +143,7 @@ class BackgroundTask(Generic[T]):
         name: str,
         context: Context,
         span: trace.Span | None,
-        span_context: trace.SpanContext,
+        trace_ref: trace.SpanContext | str | None,
         timeout: float | None,
         started_at: float,
     ) -> None:
@@ -167,12 +153,10 @@ class BackgroundTask(Generic[T]):
         self._coro: Coroutine[object, object, T] | None = coro
         self._context: Context | None = context
         self._span = span
-        # For its trace id: the span context current in the task (the task span's, or the
-        # spawner's with span=False), or when none is valid the task's fake trace id (kept
+        # For its trace id (``trace_ref``): the valid span context current in the task (the
+        # task span's, or the spawner's with span=False), else the task's fake trace id (kept
         # here, not read from the context, which is dropped at the end).
-        self._span_context: trace.SpanContext | str | None = (
-            span_context if span_context.is_valid else context.get(fake_trace_id_var)
-        )
+        self._span_context = trace_ref
         self._timeout = timeout
         # When it was spawned, and when it started (the same unless it waited for a slot).
         self._spawned_at = self._started_at = started_at
@@ -777,25 +761,6 @@ class BackgroundRunner:
             "raise limit/pending_limit, or slow the producer down"
         )
 
-    def _admit(self, task: BackgroundTask[Any]) -> None:
-        """Count an accepted task and start it, or queue it when ``limit`` tasks run.
-
-        ``_count_in`` then ``_launch``, inlined: the hot path of every spawn on the loop.
-        """
-        self._spawned += 1
-        limit = self._limit
-        if limit is not None and len(self._running) >= limit:
-            self._pending.append(task)
-            self._pending_count += 1
-            return
-        self._running[task] = True
-        self._metrics.wait.record(0.0)
-        backend = self._backend
-        assert backend is not None
-        native = backend.start(task, task._coro, task._context, task.name, task._timeout)  # type: ignore[arg-type]
-        if task._native is None and task._outcome is None:
-            task._native = native  # until it runs (and says what cancels it)
-
     def _count_in(self, task: BackgroundTask[Any]) -> bool:
         """Count an accepted task as running (True: start it now) or queue it (False)."""
         self._spawned += 1
@@ -933,7 +898,6 @@ class BackgroundRunner:
             if native is None:
                 native = current_native_task()
         task._native = native
-        _by_native[native] = task
         task._flags |= _STARTED
         return True
 
@@ -1015,21 +979,14 @@ class BackgroundRunner:
             self._check_teardown(task)
         if self._pending_count:
             self._start_next()
+        task._native = None  # the loop's task object: let it (and its context) go
         if (
             outcome is not _OK
             or task._span is not None
             or task._on_done is not None
             or self._torn_down is not None
         ):
-            try:
-                self._report(task, outcome, value)  # current_task() is still the task here
-            finally:
-                _by_native.pop(task._native, None)
-                task._native = None
-        else:
-            # The loop's task object: let it (and its context) go.
-            _by_native.pop(task._native, None)
-            task._native = None
+            self._report(task, outcome, value)  # current_task() is still the task here
 
     def _report(self, task: BackgroundTask[Any], outcome: TaskOutcome, value: object) -> None:
         """Tell the world how ``task`` ended: its span, a log line, ``on_error``."""
@@ -1194,14 +1151,37 @@ def submit(
             task_span = None
     else:
         context, span_context = plan.current()
+    trace_ref = (
+        span_context
+        if span_context is plan.valid_span_context
+        else _trace_ref(span_context, context)
+    )
     task = BackgroundTask(
-        runner, coro, name, context, task_span, span_context, timeout, perf_counter()
+        runner, coro, name, context, task_span, trace_ref, timeout, perf_counter()
     )
     if from_thread:
         runner._hand_over(task)
-    else:
-        runner._admit(task)
+        return task
+    # Admission on the runner's loop: ``_count_in`` then ``_launch``, inlined (the hot path).
+    runner._spawned += 1
+    limit = runner._limit
+    if limit is not None and len(runner._running) >= limit:
+        runner._pending.append(task)
+        runner._pending_count += 1
+        return task
+    runner._running[task] = True
+    runner._metrics.wait.record(0.0)
+    backend = runner._backend
+    assert backend is not None
+    native = backend.start(task, coro, context, name, timeout)
+    if task._native is None and task._outcome is None:
+        task._native = native  # until it runs (and says what cancels it)
     return task
+
+
+def _trace_ref(span_context: trace.SpanContext, context: Context) -> trace.SpanContext | str | None:
+    """What a task's handle keeps for its trace id: the span context if valid, else the fake id."""
+    return span_context if span_context.is_valid else context.get(fake_trace_id_var)
 
 
 def _no_owner() -> object:

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import functools
 import inspect
+from asyncio import _get_running_loop
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import anyio
 
+from . import _registry
 from ._clone import selection
 from ._errors import NoRunnerError, RunnerClosedError
 from ._options import is_coroutine, validate_options
-from ._registry import LoopRunners, loop_runners, process_runners
+from ._registry import LoopRunners, loop_runners, loop_runners_here, process_runners
 from ._runner import BackgroundRunner, open_implicit_runner, own_runner, submit
 
 if TYPE_CHECKING:
@@ -48,24 +50,23 @@ def current_runner() -> BackgroundRunner:
         NoRunnerError: On trio no runner is open, or in a thread with no event loop no runner
             of the process takes work.
     """
-    return _pick()[0]
+    return _pick(loop_runners_here())[0]
 
 
-def _pick() -> tuple[BackgroundRunner, bool]:
-    """Return ``current_runner()``, and whether it runs on the calling code's own loop.
+def _pick(state: LoopRunners | None) -> tuple[BackgroundRunner, bool]:
+    """Return ``current_runner()`` given the calling code's loop's runners, and if it is on it.
+
+    ``state`` is None for code with no event loop in its thread.
 
     Every runner but the process-wide one of a thread with no loop was found among the runners
     of the calling code's loop: ``submit`` need not check that again (on Python 3.11 each
-    look-up of the running loop is a ``getpid`` system call).
+    look-up of the running loop is a ``getpid`` system call). Where the loop has one runner
+    only (``LoopRunners.sole``), which background task is calling does not matter and is not
+    looked up (that costs two more look-ups of the loop and one of its current task).
     """
-    runner = own_runner()
-    if runner is not None:
-        return runner, True
-    try:
-        state = loop_runners()
-    except NoRunnerError:
+    if state is None:
         return _process_runner(), False
-    return state.first_open or _fallback(state), True
+    return state.sole or own_runner() or state.first_open or _fallback(state), True
 
 
 def _process_runner() -> BackgroundRunner:
@@ -96,7 +97,8 @@ def _fallback(state: LoopRunners) -> BackgroundRunner:
             "runner.spawn(...) on one"
         )
     if state.implicit is None:
-        state.implicit = open_implicit_runner()
+        state.set_implicit(open_implicit_runner())
+    assert state.implicit is not None
     return state.implicit
 
 
@@ -163,7 +165,13 @@ def spawn(
         NoRunnerError: No event loop, or trio without an open runner.
     """
     try:
-        runner, on_its_loop = _pick()
+        # loop_runners_here() and _pick()'s first case, inlined: the hot path of every spawn.
+        loop, seen = _get_running_loop(), _registry.last
+        sole = seen[1].sole if loop is not None and seen is not None and seen[0]() is loop else None
+        if sole is not None:
+            runner, on_its_loop = sole, True
+        else:
+            runner, on_its_loop = _pick(loop_runners_here())
     except BaseException:
         if is_coroutine(coro_or_fn):
             coro_or_fn.close()

@@ -22,16 +22,18 @@ from __future__ import annotations
 import sys
 from asyncio import _get_running_loop
 from asyncio import current_task as _asyncio_current_task
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
     from contextvars import Context
-    from types import TracebackType
+    from types import CodeType, TracebackType
 
     from .._task import TaskOutcome
 
-__all__ = ["Backend", "current_native_task", "open_backend"]
+_F = TypeVar("_F", bound="Callable[..., Any]")
+
+__all__ = ["Backend", "current_handle", "current_native_task", "open_backend", "wrapper"]
 
 
 class Backend(Protocol):
@@ -142,6 +144,47 @@ def _trio_running() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+#: The code of each backend's wrapper coroutine: the coroutine of every background task's
+#: loop task, with the core's handle in its local ``task`` (see ``current_handle``).
+_wrappers: set[CodeType] = set()
+
+
+def wrapper(fn: _F) -> _F:
+    """Mark ``fn`` as a backend's wrapper coroutine function: its local ``task`` is the handle."""
+    code = getattr(fn, "__code__", None)
+    assert code is not None
+    assert "task" in code.co_varnames
+    _wrappers.add(code)
+    return fn
+
+
+def current_handle() -> object | None:
+    """Return the core's handle of the background task running this code, or None.
+
+    The loop's current task runs a backend's wrapper coroutine exactly when it is a background
+    task, and the wrapper's frame holds the handle; a plain task that a background task started
+    (``asyncio.create_task``, a nursery) runs a coroutine of its own. Reading the handle from
+    there, rather than keeping a map from loop tasks to handles, costs each spawn nothing and
+    holds nothing once the task has ended (its frame is gone then).
+    """
+    loop = _get_running_loop()
+    if loop is not None:
+        native = _asyncio_current_task(loop)
+        coro = None if native is None else native.get_coro()
+    else:
+        trio = sys.modules.get("trio")
+        if trio is None:
+            return None
+        try:
+            coro = trio.lowlevel.current_task().coro
+        except RuntimeError:
+            return None
+    if getattr(coro, "cr_code", None) not in _wrappers:
+        return None
+    frame = coro.cr_frame  # type: ignore[union-attr]
+    return None if frame is None else frame.f_locals.get("task")
 
 
 def current_native_task() -> object | None:

@@ -14,6 +14,7 @@ from asyncio import current_task
 from typing import TYPE_CHECKING, Final
 
 from .._task import TaskOutcome
+from . import wrapper
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -113,6 +114,7 @@ class AsyncioBackend:
         return False  # a task's KeyboardInterrupt/SystemExit already left the loop as itself
 
 
+@wrapper
 async def _run(
     backend: AsyncioBackend, task: object, coro: Coroutine[object, object, object]
 ) -> None:
@@ -139,6 +141,7 @@ async def _run(
         backend._finished(task, _OK, result)
 
 
+@wrapper
 async def _run_timed(
     backend: AsyncioBackend, task: object, coro: Coroutine[object, object, object], timeout: float
 ) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from .._task import TaskOutcome
+from . import wrapper
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -109,6 +110,7 @@ class TrioBackend:
             raise fatal
         return absorbed
 
+    @wrapper
     async def _run(
         self, task: object, coro: Coroutine[object, object, object], timeout: float | None
     ) -> None:
