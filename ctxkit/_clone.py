@@ -36,6 +36,8 @@ __all__ = [
     "check_propagation",
     "clone",
     "clone_without_span",
+    "plan_for",
+    "plans",
     "register",
     "registered",
     "selection",
@@ -99,7 +101,7 @@ def register(*vars: ContextVar[Any]) -> None:
                 )
         result.append(var)
     _registered = tuple(result)
-    _plans.clear()
+    plans.clear()
 
 
 def unregister(*vars: ContextVar[Any]) -> None:
@@ -111,7 +113,7 @@ def unregister(*vars: ContextVar[Any]) -> None:
     global _registered
     _check_vars(vars, "unregister")
     _registered = tuple(var for var in _registered if var not in vars)
-    _plans.clear()
+    plans.clear()
 
 
 def registered() -> tuple[ContextVar[Any], ...]:
@@ -228,14 +230,15 @@ get_current: Final = otel_context.get_current
 fake_var: Final = fake_trace_id_var
 _MAX_PLANS: Final = 256
 #: The plan of each ``vars=`` tuple as callers pass it (the registered vars are added to it);
-#: emptied whenever the registered vars change.
-_plans: dict[tuple[ContextVar[Any], ...], _Plan] = {}
+#: emptied whenever the registered vars change. ``plan_for`` fills it; the runner's hot path
+#: reads it directly (``plan_for``'s first case, inlined).
+plans: dict[tuple[ContextVar[Any], ...], _Plan] = {}
 
 
 def plan_for(vars: Iterable[ContextVar[Any]], caller: str) -> _Plan:
     """Return the plan of ``selection(vars)`` (``vars``: spawn's ``vars=`` option, any iterable)."""
     try:
-        return _plans[vars]  # type: ignore[index]
+        return plans[vars]  # type: ignore[index]
     except (KeyError, TypeError):  # new, or not a hashable tuple: check it
         return _new_plan(vars, caller)
 
@@ -243,13 +246,13 @@ def plan_for(vars: Iterable[ContextVar[Any]], caller: str) -> _Plan:
 def _new_plan(vars: Iterable[ContextVar[Any]], caller: str) -> _Plan:
     given = as_var_tuple(vars, caller)
     selected = selection(given, caller)
-    plan = _plans.get(given)
+    plan = plans.get(given)
     if plan is None:
-        if len(_plans) >= _MAX_PLANS:
-            _plans.clear()
-        plan = _plans[given] = _Plan(selected)
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        plan = plans[given] = _Plan(selected)
         if plan.registered is not _registered:  # register() ran meanwhile, in another thread
-            _plans.pop(given, None)
+            plans.pop(given, None)
     return plan
 
 

@@ -33,7 +33,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from ._backends import current_handle, current_native_task, open_backend
-from ._clone import build_clone, plan_for
+from ._clone import build_clone, plan_for, plans
 from ._dump import install_from_environment
 from ._errors import (
     RunnerClosedError,
@@ -848,8 +848,12 @@ class BackgroundRunner:
                 task.trace_id,
             )
 
-    def _start_next(self) -> None:
-        """Start queued tasks while there is room, as a loop that never re-enters itself."""
+    def _start_next(self, now: float | None) -> None:
+        """Start queued tasks while there is room, as a loop that never re-enters itself.
+
+        ``now``: ``perf_counter()`` of the finish that made room, if it took one (the first
+        task started takes it as its start time).
+        """
         if self._starting:
             return  # a task ended while being started: the loop below goes on
         self._starting = True
@@ -868,7 +872,8 @@ class BackgroundRunner:
                 if task._outcome is not None:
                     continue  # cancelled while it waited
                 self._pending_count -= 1
-                now = perf_counter()
+                if now is None:
+                    now = perf_counter()
                 waited = now - task._started_at  # until now, the time of its spawn
                 task._started_at = now
                 if task._span is not None:
@@ -880,6 +885,7 @@ class BackgroundRunner:
                 native = backend.start(task, task._coro, task._context, task.name, task._timeout)
                 if task._native is None and task._outcome is None:
                     task._native = native
+                now = None  # its start may have run its first step (an eager task factory)
         finally:
             self._starting = False
 
@@ -960,8 +966,10 @@ class BackgroundRunner:
             name, value_name
         )
         metrics.finished.add(1, attributes)
+        now = None
         if ran:
-            metrics.duration.record(perf_counter() - task._started_at, attributes)
+            now = perf_counter()
+            metrics.duration.record(now - task._started_at, attributes)
         if task._on_done is not None:
             for waiter in task._on_done:
                 if isinstance(waiter, anyio.Event):
@@ -978,7 +986,7 @@ class BackgroundRunner:
         ):
             self._check_teardown(task)
         if self._pending_count:
-            self._start_next()
+            self._start_next(now)
         task._native = None  # the loop's task object: let it (and its context) go
         if (
             outcome is not _OK
@@ -1115,7 +1123,10 @@ def submit(
             or (span is not True and span is not False)
         ):
             timeout = validate_options(propagation, span, timeout, name)
-        plan = plan_for(vars, "spawn")
+        try:
+            plan = plans[vars]  # type: ignore[index]  # plan_for's first case, inlined
+        except (KeyError, TypeError):
+            plan = plan_for(vars, "spawn")
         if runner._state != "open":
             runner._check_accepting()
         elif not on_its_loop and runner._current_owner() is not runner._owner:

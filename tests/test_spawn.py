@@ -84,6 +84,52 @@ class TestWhichRunner:
             await second.drain()
         assert (first.statistics().spawned, second.statistics().spawned) == (0, 2)
 
+    async def test_the_pick_follows_runners_opening_draining_and_closing(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """With one runner the pick skips finding the calling task; it must never go stale.
+
+        Only A: A's tasks and other code spawn on A. A and B: B's task spawns on B. B closed:
+        A again. A draining: its own task still spawns on A, other code is refused.
+        """
+        placed: list[ctxkit.BackgroundRunner] = []
+
+        async def record() -> None:
+            placed.append(ctxkit.current_runner())
+            ctxkit.spawn(noop)
+
+        first = make_runner()
+        opened, close = anyio.Event(), anyio.Event()
+        async with anyio.create_task_group() as app:
+            app.start_soon(hold_open, first, opened, close)
+            await opened.wait()
+            first.spawn(record)
+            await first.drain()
+            async with make_runner() as second:
+                second.spawn(record)
+                await second.drain()
+            assert ctxkit.current_runner() is first
+            first.spawn(record)
+            await first.drain()
+            assert placed == [first, second, first]
+            assert (first.statistics().spawned, second.statistics().spawned) == (4, 2)
+
+            release = anyio.Event()
+
+            async def during_drain() -> None:
+                await release.wait()
+                await record()
+
+            first.spawn(during_drain)
+            close.set()  # its block exits: it drains
+            while first.accepting:
+                await anyio.lowlevel.checkpoint()
+            with pytest.raises(ctxkit.RunnerClosedError, match="shutting down"):
+                ctxkit.spawn(noop())
+            release.set()
+        assert placed == [first, second, first, first]
+        assert (first.statistics().spawned, first.statistics().ok) == (6, 6)
+
     async def test_next_open_runner_takes_over_when_the_first_closes(
         self, make_runner: MakeRunner
     ) -> None:
