@@ -32,7 +32,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from ._backends import current_handle, current_native_task, open_backend
+from ._backends import current_handle, open_backend
 from ._clone import build_clone, plan_for, plans
 from ._dump import install_from_environment
 from ._errors import (
@@ -88,7 +88,6 @@ _CANCELLED: Final = TaskOutcome.CANCELLED
 _OUTCOME_VALUES: Final = {id(outcome): outcome.value for outcome in TaskOutcome}
 
 #: Bits of ``BackgroundTask._flags``.
-_STARTED: Final = 1  # its first step ran
 _CANCEL_REQUESTED: Final = 2  # cancel() was called: by the user or the runner's shutdown
 
 
@@ -167,11 +166,12 @@ class BackgroundTask(Generic[T]):
         # What waits for its end: events of awaiters (set in bookkeeping) and done-callbacks
         # (called with the reports).
         self._on_done: list[anyio.Event | Callable[[BackgroundTask[T]], object]] | None = None
-        # The backend's cancel handle for the running task (an asyncio.Task, a CancelScope).
+        # The backend's cancel handle for the started task (its asyncio.Task, its trio task),
+        # from start's return or the backend's started(); None while pending and once ended.
         self._native: object = None
 
     def __repr__(self) -> str:
-        state = self._outcome or ("running" if self._flags & _STARTED else "pending")
+        state = self._outcome or ("running" if self._native is not None else "pending")
         return f"<BackgroundTask {self.name!r} {state} trace_id={self.trace_id}>"
 
     @property
@@ -778,9 +778,22 @@ class BackgroundRunner:
         assert self._backend is not None
         assert task._coro is not None
         assert task._context is not None
-        native = self._backend.start(task, task._coro, task._context, task.name, task._timeout)
-        if task._native is None and task._outcome is None:
-            task._native = native  # until it runs (and says what cancels it)
+        self._hold(
+            task, self._backend.start(task, task._coro, task._context, task.name, task._timeout)
+        )
+
+    def _hold(self, task: BackgroundTask[Any], native: object) -> None:
+        """Keep what ``start`` returned as the task's cancel handle; apply an earlier cancel.
+
+        A task may have ended during its start (an eager first step), or been cancelled then
+        (by itself), before its cancel handle was known.
+        """
+        if native is None or task._outcome is not None:
+            return  # the backend gives the handle to started() instead, or the task has ended
+        task._native = native
+        if task._flags & _CANCEL_REQUESTED:
+            assert self._backend is not None
+            self._backend.cancel(native)
 
     def _reserve_from_thread(self) -> None:
         """Admit a spawn made in another thread than the loop's, or raise why not.
@@ -883,8 +896,10 @@ class BackgroundRunner:
                 assert task._coro is not None
                 assert task._context is not None
                 native = backend.start(task, task._coro, task._context, task.name, task._timeout)
-                if task._native is None and task._outcome is None:
+                if native is not None and task._outcome is None:  # self._hold(), inlined
                     task._native = native
+                    if task._flags & _CANCEL_REQUESTED:
+                        backend.cancel(native)  # cancelled during its start
                 now = None  # its start may have run its first step (an eager task factory)
         finally:
             self._starting = False
@@ -894,17 +909,11 @@ class BackgroundRunner:
     def _task_started(self, task: Any, native: object) -> bool:
         """First thing in a task, in its context: False if it was cancelled before it ran.
 
-        ``native`` is the loop's own object for the task, or None when ``start`` returned it
-        already (else, as in an eager first step, it is looked up).
+        Called by a backend that has the task's cancel handle (``native``) only once it runs.
         """
         if task._flags & _CANCEL_REQUESTED:
             return False
-        if native is None:
-            native = task._native
-            if native is None:
-                native = current_native_task()
         task._native = native
-        task._flags |= _STARTED
         return True
 
     def _cancel(self, task: BackgroundTask[Any]) -> None:
@@ -912,14 +921,16 @@ class BackgroundRunner:
         task._flags |= _CANCEL_REQUESTED
         if task in self._running:
             assert self._backend is not None
-            if task._flags & _STARTED:
-                self._backend.cancel(task._native)
-            elif task._native is not None and self._backend.abandoned(task._native):
+            native = task._native
+            if native is None:
+                return  # its cancel handle is not known yet: _hold() or started() sees the flag
+            if self._backend.abandoned(native):
                 # Cancelled by something else before it ran: it never will, so end it here.
                 assert task._coro is not None
                 task._coro.close()
                 self._finish(task, _CANCELLED, None)
-            # else: started but not yet run; its first step sees the flag and ends at once
+            else:
+                self._backend.cancel(native)
             return
         # Pending: it never ran. It stays in the queue until popped (see _start_next).
         self._pending_count -= 1
@@ -1185,8 +1196,10 @@ def submit(
     backend = runner._backend
     assert backend is not None
     native = backend.start(task, coro, context, name, timeout)
-    if task._native is None and task._outcome is None:
-        task._native = native  # until it runs (and says what cancels it)
+    if native is not None and task._outcome is None:  # runner._hold(), inlined
+        task._native = native
+        if task._flags & _CANCEL_REQUESTED:
+            backend.cancel(native)  # cancelled during its start (an eager first step)
     return task
 
 

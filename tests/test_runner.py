@@ -554,6 +554,22 @@ class TestOutcomes:
         assert runner.statistics().cancelled == 1
         assert ctxkit_records(caplog, logging.WARNING) == []  # not "cancelled from outside"
 
+    async def test_cancel_twice_before_first_step_counts_once(
+        self, make_runner: MakeRunner, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A second cancel() before the task ran ends it at once; it is counted once."""
+        async with make_runner() as runner:
+            coro = return_later(1)
+            handle = runner.spawn(coro)
+            handle.cancel()
+            handle.cancel()
+            assert await handle.wait() == "cancelled"
+            assert is_closed(coro)
+            await anyio.sleep(0.01)  # any late report of the same end would land by now
+            assert_identity(runner.statistics())
+            assert runner.statistics().cancelled == 1
+        assert ctxkit_records(caplog, logging.WARNING) == []
+
     async def test_cancel_pending_closes_the_coroutine(self, make_runner: MakeRunner) -> None:
         """cancel() on a pending task ends it at once, "cancelled", coroutine closed."""
         release = anyio.Event()

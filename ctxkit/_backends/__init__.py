@@ -7,8 +7,9 @@ backend's own loop (and thread), hand a call to that loop from another thread, a
 each task ended through the two callbacks the core gives it:
 
 - ``started(task, native) -> bool``: called first thing inside the task, in the task's own
-  context, with the backend's cancel handle for it; False means "cancelled before it ran":
-  the backend then closes the coroutine and reports it cancelled without running it.
+  context, with the backend's cancel handle for it, by a backend that has no cancel handle
+  before the task runs (trio; asyncio's ``start`` returns one); False means "cancelled before
+  it ran": the backend then closes the coroutine and reports it cancelled without running it.
 - ``finished(task, outcome, value)``: called once when the task's coroutine has ended, with
   the ``TaskOutcome`` the backend saw and the result (OK) or exception (ERROR).
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 _F = TypeVar("_F", bound="Callable[..., Any]")
 
-__all__ = ["Backend", "current_handle", "current_native_task", "open_backend", "wrapper"]
+__all__ = ["Backend", "current_handle", "open_backend", "wrapper"]
 
 
 class Backend(Protocol):
@@ -69,11 +70,15 @@ class Backend(Protocol):
         """Start running ``coro`` as a new task in ``context`` (called on the loop's thread).
 
         Returns:
-            The loop's object for the new task when it has one before it runs, else None.
+            The task's cancel handle when the backend has one before the task runs (the
+            backend then never calls ``started``), else None (it calls ``started`` with it).
         """
 
     def cancel(self, native: object) -> None:
-        """Cancel the task whose cancel handle (given to ``started``) is ``native``."""
+        """Cancel the task whose cancel handle is ``native``, whether or not it has run yet.
+
+        A task cancelled before its first step is still reported (``finished``, CANCELLED).
+        """
 
     def abandoned(self, native: object) -> bool:
         """Tell whether a task not yet run (``native``: what ``start`` returned) never will.
@@ -185,18 +190,3 @@ def current_handle() -> object | None:
         return None
     frame = coro.cr_frame  # type: ignore[union-attr]
     return None if frame is None else frame.f_locals.get("task")
-
-
-def current_native_task() -> object | None:
-    """Return the event loop's own object for the task running this code, or None."""
-    loop = _get_running_loop()
-    if loop is not None:
-        return _asyncio_current_task(loop)  # given the loop, it looks it up no second time
-    trio = sys.modules.get("trio")
-    if trio is None:
-        return None
-    try:
-        native: object = trio.lowlevel.current_task()
-    except RuntimeError:
-        return None
-    return native

@@ -1,15 +1,19 @@
 """The asyncio backend: each background task is a plain ``asyncio.Task``.
 
-A task's wrapper coroutine (``_run``) tells the core it started (with its ``asyncio.Task`` as
-the cancel handle, before any user code runs, so a ``cancel()`` made during an eager first
-step is not lost), awaits the coroutine under ``asyncio.timeout`` when it has a timeout, and
-reports how it ended. It never starts another task itself: the core does that, without
-recursing, whatever the loop's task factory.
+``start`` returns the ``asyncio.Task`` as the task's cancel handle. Its wrapper coroutine
+(``_run``) awaits the coroutine, under ``asyncio.timeout`` when it has a timeout, and reports
+how it ended; it never calls the core's ``started`` (the core has the cancel handle once
+``start`` returns, and a ``cancel()`` made during an eager first step, before that, is applied
+by the core then). A task cancelled before its first step never runs its wrapper (asyncio
+throws the cancellation in before the wrapper's first line): ``cancel`` then reports its end
+from a done-callback. The wrapper never starts another task itself: the core does that,
+without recursing, whatever the loop's task factory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 from asyncio import current_task
 from typing import TYPE_CHECKING, Final
 
@@ -32,7 +36,7 @@ _CANCELLED: Final = TaskOutcome.CANCELLED
 class AsyncioBackend:
     """Start and cancel the tasks of one runner on one asyncio event loop."""
 
-    __slots__ = ("_finished", "_loop", "_started", "_watch")
+    __slots__ = ("_finished", "_loop", "_watch")
 
     name: Final = "asyncio"
 
@@ -43,8 +47,8 @@ class AsyncioBackend:
         finished: Callable[[object, TaskOutcome, object], None],
         watch_unstarted: bool,
     ) -> None:
+        del started  # ``start`` returns the cancel handle: its tasks never report a start
         self._loop = loop
-        self._started = started
         self._finished = finished
         self._watch = watch_unstarted
 
@@ -72,24 +76,38 @@ class AsyncioBackend:
         )
         impl = self._loop.create_task(wrapper, name=name, context=context)
         if self._watch:
-            finished = self._finished
-
-            def unstarted(impl: asyncio.Task[None]) -> None:
-                # Cancelled before its first step: its wrapper never ran (finished() ignores
-                # a second report of a task that did run).
-                if impl.cancelled():
-                    coro.close()
-                    finished(task, _CANCELLED, None)
-
-            impl.add_done_callback(unstarted)
+            self._report_if_never_run(impl, task, coro)
         return impl
+
+    def _report_if_never_run(
+        self, impl: asyncio.Task[None], task: object, coro: Coroutine[object, object, object]
+    ) -> None:
+        """Report ``task`` cancelled if asyncio cancels ``impl`` before its first step.
+
+        Its wrapper then never runs (``finished()`` ignores a second report of a task that did).
+        """
+        finished = self._finished
+
+        def unstarted(impl: asyncio.Task[None]) -> None:
+            if impl.cancelled():
+                coro.close()
+                finished(task, _CANCELLED, None)
+
+        impl.add_done_callback(unstarted)
 
     def abandoned(self, native: object) -> bool:
         impl: asyncio.Task[None] = native  # type: ignore[assignment]
-        return impl.done() or impl.cancelling() > 0
+        # Ended without being reported (so its wrapper never ran), or cancelled from outside
+        # before its first step.
+        return impl.done() or (impl.cancelling() > 0 and _not_run(impl))
 
     def cancel(self, native: object) -> None:
-        native.cancel()  # type: ignore[attr-defined]
+        impl: asyncio.Task[None] = native  # type: ignore[assignment]
+        if not self._watch and _not_run(impl):
+            # Its wrapper will never run now: its arguments say which task and coroutine.
+            arguments = impl.get_coro().cr_frame.f_locals  # type: ignore[union-attr]
+            self._report_if_never_run(impl, arguments["task"], arguments["coro"])
+        impl.cancel()
 
     def run_soon_threadsafe(self, fn: Callable[[], object]) -> None:
         self._loop.call_soon_threadsafe(fn)
@@ -121,12 +139,8 @@ async def _run(
     """The coroutine of a background task's ``asyncio.Task``: run ``coro``, report its end.
 
     Few locals on purpose: its frame is part of the memory each running task holds. The core
-    learns the ``asyncio.Task`` from ``start`` (or, in an eager first step, looks it up).
+    learns the ``asyncio.Task`` from ``start``.
     """
-    if not backend._started(task, None):
-        coro.close()
-        backend._finished(task, _CANCELLED, None)
-        return
     try:
         result = await coro
     except asyncio.CancelledError:
@@ -146,10 +160,6 @@ async def _run_timed(
     backend: AsyncioBackend, task: object, coro: Coroutine[object, object, object], timeout: float
 ) -> None:
     """``_run`` under ``asyncio.timeout``: the outcome is ``TIMEOUT`` when the deadline hit."""
-    if not backend._started(task, None):
-        coro.close()
-        backend._finished(task, _CANCELLED, None)
-        return
     deadline = asyncio.timeout(timeout)
     try:
         async with deadline:
@@ -167,6 +177,11 @@ async def _run_timed(
         raise
     else:
         backend._finished(task, _TIMEOUT if deadline.expired() else _OK, result)
+
+
+def _not_run(impl: asyncio.Task[None]) -> bool:
+    """Tell whether the task's wrapper has not begun to run (nor ever will, once it is done)."""
+    return inspect.getcoroutinestate(impl.get_coro()) == inspect.CORO_CREATED  # type: ignore[arg-type]
 
 
 def _fatal(backend: AsyncioBackend, task: object, exc: BaseException) -> None:
