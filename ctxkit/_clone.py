@@ -332,11 +332,12 @@ def _build_current(
     result.run(plan.fill, values, otel, fake)
     # No trace at all (no valid span, no fake id): each clone gets a fake trace id of its own,
     # so the cached clone has none and each reuse adds a new one.
-    traceless = not span_context.is_valid and fake is None
+    valid = span_context.is_valid
+    traceless = not valid and fake is None
     # The source's OTel context is the cache key: held as it is when the clone holds it
     # anyway, else weakly (the cache never keeps the rest of a request's context alive).
     key = otel if otel is otel_src else weakref.ref(otel_src)
-    plan.valid_span_context = span_context if span_context.is_valid else None
+    plan.valid_span_context = span_context if valid else None
     plan.cache = (values, key, fake, result, span_context, traceless)
     if traceless:
         return _with_new_fake(result), span_context

@@ -166,8 +166,9 @@ class BackgroundTask(Generic[T]):
         # What waits for its end: events of awaiters (set in bookkeeping) and done-callbacks
         # (called with the reports).
         self._on_done: list[anyio.Event | Callable[[BackgroundTask[T]], object]] | None = None
-        # The backend's cancel handle for the started task (its asyncio.Task, its trio task),
-        # from start's return or the backend's started(); None while pending and once ended.
+        # The backend's cancel handle for the started task (its asyncio.Task; on trio its
+        # cancel scope), from start's return or the backend's started(); None while pending
+        # and once ended.
         self._native: object = None
 
     def __repr__(self) -> str:

@@ -36,7 +36,7 @@ _CANCELLED: Final = TaskOutcome.CANCELLED
 class TrioBackend:
     """Start and cancel the tasks of one runner in the current trio run."""
 
-    __slots__ = ("_fatal", "_finished", "_host", "_scopes", "_started", "_token")
+    __slots__ = ("_fatal", "_finished", "_host", "_started", "_token")
 
     name: Final = "trio"
 
@@ -49,8 +49,6 @@ class TrioBackend:
         self._started = started
         self._finished = finished
         self._fatal: BaseException | None = None
-        # The cancel scope of each running task, by its trio task (the core's handle for it).
-        self._scopes: dict[object, trio.CancelScope] = {}
         # Entered here, in the task entering the runner; exited by exit(), in the same task.
         self._host: trio.CancelScope | None = trio.CancelScope()
         self._host.__enter__()
@@ -81,10 +79,9 @@ class TrioBackend:
         return False  # nothing but its runner can cancel a system task before it runs
 
     def cancel(self, native: object) -> None:
-        scope = self._scopes.get(native)
-        if scope is not None:
-            scope.deadline = math.inf  # an explicit cancel, not the timeout (see _run)
-            scope.cancel()
+        scope: trio.CancelScope = native  # type: ignore[assignment]  # what _run gave started()
+        scope.deadline = math.inf  # an explicit cancel, not the timeout (see _run)
+        scope.cancel()
 
     def run_soon_threadsafe(self, fn: Callable[[], object]) -> None:
         self._token.run_sync_soon(fn)
@@ -114,35 +111,29 @@ class TrioBackend:
     async def _run(
         self, task: object, coro: Coroutine[object, object, object], timeout: float | None
     ) -> None:
-        # No local holds the trio task: this frame may outlive the run (a traceback of the
-        # task's exception reaches it), and the trio task holds the task's context.
+        # The task's cancel scope is its cancel handle (the core's ``native``). No local holds
+        # the trio task: this frame may outlive the run (a traceback of the task's exception
+        # reaches it), and the trio task holds the task's context.
         finished = self._finished
-        scopes = self._scopes
-        current = trio.lowlevel.current_task
         with trio.CancelScope() as scope:
             if timeout is not None:
                 scope.deadline = trio.current_time() + timeout
-            if not self._started(task, current()):
+            if not self._started(task, scope):
                 coro.close()
                 finished(task, _CANCELLED, None)
                 return
-            scopes[current()] = scope
             try:
                 result = await coro
             except trio.Cancelled:
-                del scopes[current()]
                 finished(task, _TIMEOUT if _expired(scope) else _CANCELLED, None)
                 raise
             except Exception as exc:
-                del scopes[current()]
                 finished(task, _ERROR, _without_this_frame(exc))
                 return
             except BaseException as exc:
-                del scopes[current()]
                 finished(task, _ERROR, _without_this_frame(exc))
                 self._crash(exc)
                 return
-            del scopes[current()]
             finished(task, _TIMEOUT if _expired(scope) else _OK, result)
 
     def _crash(self, exc: BaseException) -> None:
