@@ -95,7 +95,8 @@ def current_task() -> BackgroundTask[Any] | None:
     """Return the handle of the background task running this code, or None outside one.
 
     A plain task started by a background task (``asyncio.create_task``, a nursery) is not
-    the background task: there this returns None.
+    the background task: there this returns None. It looks the handle up in the running loop
+    task's coroutine (about a microsecond), so spawning and finishing tasks pay nothing for it.
     """
     return current_handle()  # type: ignore[return-value]
 

@@ -54,9 +54,10 @@ def current_runner() -> BackgroundRunner:
 
 
 def _pick(state: LoopRunners | None) -> tuple[BackgroundRunner, bool]:
-    """Return ``current_runner()`` given the calling code's loop's runners, and if it is on it.
+    """Return ``current_runner()`` and whether it runs on the calling code's own loop.
 
-    ``state`` is None for code with no event loop in its thread.
+    ``state`` is the runners of the calling code's loop (``loop_runners_here()``): None for code
+    with no event loop in its thread.
 
     Every runner but the process-wide one of a thread with no loop was found among the runners
     of the calling code's loop: ``submit`` need not check that again (on Python 3.11 each
