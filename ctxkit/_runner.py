@@ -795,7 +795,8 @@ class BackgroundRunner:
         task._native = native
         if task._flags & _CANCEL_REQUESTED:
             assert self._backend is not None
-            self._backend.cancel(native)
+            assert task._coro is not None
+            self._backend.cancel(native, task, task._coro)
 
     def _reserve_from_thread(self) -> None:
         """Admit a spawn made in another thread than the loop's, or raise why not.
@@ -901,7 +902,7 @@ class BackgroundRunner:
                 if native is not None and task._outcome is None:  # self._hold(), inlined
                     task._native = native
                     if task._flags & _CANCEL_REQUESTED:
-                        backend.cancel(native)  # cancelled during its start
+                        backend.cancel(native, task, task._coro)  # cancelled during its start
                 now = None  # its start may have run its first step (an eager task factory)
         finally:
             self._starting = False
@@ -932,7 +933,8 @@ class BackgroundRunner:
                 task._coro.close()
                 self._finish(task, _CANCELLED, None)
             else:
-                self._backend.cancel(native)
+                assert task._coro is not None
+                self._backend.cancel(native, task, task._coro)
             return
         # Pending: it never ran. It stays in the queue until popped (see _start_next).
         self._pending_count -= 1
@@ -1201,7 +1203,7 @@ def submit(
     if native is not None and task._outcome is None:  # runner._hold(), inlined
         task._native = native
         if task._flags & _CANCEL_REQUESTED:
-            backend.cancel(native)  # cancelled during its start (an eager first step)
+            backend.cancel(native, task, coro)  # cancelled during its start (an eager first step)
     return task
 
 

@@ -24,7 +24,7 @@ import ctxkit
 from ctxkit import _clone, propagation
 from ctxkit.testing import open_runner
 
-from ._support import ASYNCIO_ONLY, assert_identity, noop, wait_for
+from ._support import ASYNCIO_ONLY, assert_identity, is_closed, noop, wait_for
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -120,6 +120,66 @@ class TestEagerTaskFactory:
             loop.set_task_factory(None)
         assert_identity(runner.statistics())
         assert runner.statistics().cancelled == 1
+
+
+def _wrapping_factory(
+    loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any
+) -> asyncio.Task[Any]:
+    """A task factory that runs every coroutine inside one of its own, as Sentry's does."""
+
+    async def around() -> Any:
+        return await coro
+
+    return asyncio.Task(around(), loop=loop, **kwargs)
+
+
+@ASYNCIO_ONLY
+class TestWrappingTaskFactory:
+    """A loop task factory that wraps each coroutine hides ctxkit's wrapper one level down."""
+
+    async def test_current_task_and_own_runner_are_found(self, make_runner: MakeRunner) -> None:
+        """current_task() is the task's handle inside it, None in its plain child task; its
+        spawns go to its own runner; its drain() does not wait for itself."""
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(_wrapping_factory)
+        seen: list[object] = []
+
+        async def child() -> None:
+            seen.append(ctxkit.current_task())
+
+        async def parent() -> None:
+            seen.append(ctxkit.current_task())
+            await asyncio.create_task(child())
+            ctxkit.spawn(noop)
+            await ctxkit.drain(2)
+
+        try:
+            async with make_runner() as first, make_runner() as second:
+                handle = second.spawn(parent)
+                assert await handle.wait() == "ok"
+        finally:
+            loop.set_task_factory(None)
+        assert seen == [handle, None]
+        assert (first.statistics().spawned, second.statistics().spawned) == (0, 2)
+
+    async def test_cancel_before_the_first_step_is_reported(
+        self, make_runner: MakeRunner, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """cancel() right after spawn ends the task "cancelled", its coroutine closed."""
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(_wrapping_factory)
+        try:
+            async with make_runner() as runner:
+                coro = wait_for(anyio.Event())
+                handle = runner.spawn(coro)
+                assert handle.cancel() is True
+                assert await handle.wait() == "cancelled"
+                assert is_closed(coro)  # never left un-awaited
+                assert_identity(runner.statistics())
+        finally:
+            loop.set_task_factory(None)
+        assert runner.statistics().cancelled == 1
+        assert ctxkit_messages(caplog, logging.WARNING) == []
 
 
 class TestBoundedShutdown:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
     from contextvars import Context
-    from types import CodeType, TracebackType
+    from types import CodeType, FrameType, TracebackType
 
     from .._task import TaskOutcome
 
@@ -74,8 +74,8 @@ class Backend(Protocol):
             backend then never calls ``started``), else None (it calls ``started`` with it).
         """
 
-    def cancel(self, native: object) -> None:
-        """Cancel the task whose cancel handle is ``native``, whether or not it has run yet.
+    def cancel(self, native: object, task: object, coro: Coroutine[object, object, object]) -> None:
+        """Cancel ``task`` (cancel handle ``native``, coroutine ``coro``), run yet or not.
 
         A task cancelled before its first step is still reported (``finished``, CANCELLED).
         """
@@ -177,7 +177,13 @@ def current_handle() -> object | None:
     loop = _get_running_loop()
     if loop is not None:
         native = _asyncio_current_task(loop)
-        coro = None if native is None else native.get_coro()
+        if native is None:
+            return None
+        coro = native.get_coro()
+        if getattr(coro, "cr_code", None) not in _wrappers and loop.get_task_factory():
+            # A task factory may wrap the coroutine it is given (Sentry's does): the wrapper
+            # then runs inside the loop task's coroutine, on this call's stack.
+            return _handle_on_stack(coro)
     else:
         trio = sys.modules.get("trio")
         if trio is None:
@@ -190,3 +196,18 @@ def current_handle() -> object | None:
         return None
     frame = coro.cr_frame  # type: ignore[union-attr]
     return None if frame is None else frame.f_locals.get("task")
+
+
+def _handle_on_stack(top: object) -> object | None:
+    """Find a backend's wrapper among the calling frames up to the loop task's own (``top``)."""
+    top_frame = getattr(top, "cr_frame", None)
+    if top_frame is None:
+        return None
+    frame: FrameType | None = sys._getframe(2)  # the caller of current_handle()'s caller
+    while frame is not None:
+        if frame.f_code in _wrappers:
+            return frame.f_locals.get("task")
+        if frame is top_frame:
+            return None  # the frames above are the loop's, not this task's
+        frame = frame.f_back
+    return None

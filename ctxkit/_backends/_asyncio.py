@@ -5,8 +5,9 @@
 how it ended; it never calls the core's ``started`` (the core has the cancel handle once
 ``start`` returns, and a ``cancel()`` made during an eager first step, before that, is applied
 by the core then). A task cancelled before its first step never runs its wrapper (asyncio
-throws the cancellation in before the wrapper's first line): ``cancel`` then reports its end
-from a done-callback. The wrapper never starts another task itself: the core does that,
+throws the cancellation in before the wrapper's first line): ``cancel`` adds a done-callback
+that reports the end then (a task that did run has reported it already, and the second report
+is ignored). The wrapper never starts another task itself: the core does that,
 without recursing, whatever the loop's task factory.
 """
 
@@ -75,21 +76,30 @@ class AsyncioBackend:
             _run(self, task, coro) if timeout is None else _run_timed(self, task, coro, timeout)
         )
         impl = self._loop.create_task(wrapper, name=name, context=context)
-        if self._watch:
-            self._report_if_never_run(impl, task, coro)
+        if self._watch or impl.get_coro() is not wrapper:
+            # Watched from the start: the implicit runner's loop may cancel it before it runs
+            # (asyncio.run's end), and a task factory that wraps the coroutine (Sentry's does)
+            # hides the wrapper from cancel().
+            self._report_if_never_run(impl, task, coro, wrapper)
         return impl
 
     def _report_if_never_run(
-        self, impl: asyncio.Task[None], task: object, coro: Coroutine[object, object, object]
+        self,
+        impl: asyncio.Task[None],
+        task: object,
+        coro: Coroutine[object, object, object],
+        wrapper: Coroutine[object, object, None],
     ) -> None:
-        """Report ``task`` cancelled if asyncio cancels ``impl`` before its first step.
+        """Report ``task`` cancelled if asyncio cancels ``impl`` before its wrapper ran.
 
-        Its wrapper then never runs (``finished()`` ignores a second report of a task that did).
+        The wrapper then never runs: both coroutines are closed, never left un-awaited
+        (``finished()`` ignores a second report of a task that did run).
         """
         finished = self._finished
 
         def unstarted(impl: asyncio.Task[None]) -> None:
             if impl.cancelled():
+                wrapper.close()
                 coro.close()
                 finished(task, _CANCELLED, None)
 
@@ -101,12 +111,13 @@ class AsyncioBackend:
         # before its first step.
         return impl.done() or (impl.cancelling() > 0 and _not_run(impl))
 
-    def cancel(self, native: object) -> None:
+    def cancel(self, native: object, task: object, coro: Coroutine[object, object, object]) -> None:
         impl: asyncio.Task[None] = native  # type: ignore[assignment]
-        if not self._watch and _not_run(impl):
-            # Its wrapper will never run now: its arguments say which task and coroutine.
-            arguments = impl.get_coro().cr_frame.f_locals  # type: ignore[union-attr]
-            self._report_if_never_run(impl, arguments["task"], arguments["coro"])
+        wrapper = impl.get_coro()
+        if not self._watch and getattr(wrapper, "cr_code", None) in _WRAPPERS:
+            # If its wrapper has not run yet it never will: the callback reports the end then
+            # (a task watched from its start has that callback already).
+            self._report_if_never_run(impl, task, coro, wrapper)  # type: ignore[arg-type]
         impl.cancel()
 
     def run_soon_threadsafe(self, fn: Callable[[], object]) -> None:

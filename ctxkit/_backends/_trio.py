@@ -78,7 +78,7 @@ class TrioBackend:
     def abandoned(self, native: object) -> bool:
         return False  # nothing but its runner can cancel a system task before it runs
 
-    def cancel(self, native: object) -> None:
+    def cancel(self, native: object, task: object, coro: Coroutine[object, object, object]) -> None:
         scope: trio.CancelScope = native  # type: ignore[assignment]  # what _run gave started()
         scope.deadline = math.inf  # an explicit cancel, not the timeout (see _run)
         scope.cancel()
