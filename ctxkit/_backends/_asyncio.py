@@ -76,10 +76,11 @@ class AsyncioBackend:
             _run(self, task, coro) if timeout is None else _run_timed(self, task, coro, timeout)
         )
         impl = self._loop.create_task(wrapper, name=name, context=context)
-        if self._watch or impl.get_coro() is not wrapper:
+        if self._watch or (not impl.done() and impl.get_coro() is not wrapper):
             # Watched from the start: the implicit runner's loop may cancel it before it runs
             # (asyncio.run's end), and a task factory that wraps the coroutine (Sentry's does)
-            # hides the wrapper from cancel().
+            # hides the wrapper from cancel(). (A task that ended in an eager first step needs
+            # no watching, and Python 3.12.1's get_coro() crashes on it.)
             self._report_if_never_run(impl, task, coro, wrapper)
         return impl
 
