@@ -3,13 +3,17 @@
 - ``ctxkit.tasks.active`` (ObservableUpDownCounter, ``{task}``): tasks running now.
 - ``ctxkit.tasks.pending`` (ObservableUpDownCounter, ``{task}``): tasks waiting for a free slot.
 
-The two gauges are observed at collection time from the runners that use the meter (a
-callback, run on the metric reader's thread), so spawning and finishing a task costs no call
-for them; the other four are recorded as things happen.
-- ``ctxkit.tasks.finished`` (Counter, ``{task}``): ended tasks, by ``ctxkit.task.name`` and
-  ``ctxkit.task.outcome``. At most 256 distinct task names per meter are recorded; later
-  names are recorded as ``ctxkit.other``, so names built per call cannot grow the metric
-  without bound.
+- ``ctxkit.tasks.finished`` (ObservableCounter, ``{task}``): ended tasks, by
+  ``ctxkit.task.name`` and ``ctxkit.task.outcome``. At most 256 distinct task names per meter
+  are recorded; later names are recorded as ``ctxkit.other``, so names built per call cannot
+  grow the metric without bound.
+
+These three are observed at collection time (a callback, run on the metric reader's
+thread): the gauges from the runners that use the meter, the finished counter from the
+counts the runners keep per series (a ``Series``, shared by every runner of the meter, never
+decreasing). So they export exactly as synchronous instruments would, but finishing a task
+costs an integer increment instead of a metric call. The other three are recorded as things
+happen.
 - ``ctxkit.tasks.rejected`` (Counter, ``{task}``): spawns refused because the runner was full.
 - ``ctxkit.task.duration`` (Histogram, ``s``): how long tasks ran (start to end), same
   attributes as finished.
@@ -31,7 +35,7 @@ if TYPE_CHECKING:
 
     from ._runner import BackgroundRunner
 
-__all__ = ["Instruments", "instruments_for"]
+__all__ = ["Instruments", "Series", "instruments_for"]
 
 _NAME: Final = "ctxkit"
 #: Distinct task names a meter records; later names fold into ``OVERFLOW_NAME``.
@@ -40,8 +44,22 @@ MAX_TASK_NAMES: Final = 256
 OVERFLOW_NAME: Final = "ctxkit.other"
 
 
+class Series:
+    """One series of ``ctxkit.tasks.finished`` and ``ctxkit.task.duration``: a name and outcome.
+
+    ``attributes`` is shared and never mutated; ``finished`` counts the tasks that ended so,
+    in every runner of the meter (the finished counter observes it).
+    """
+
+    __slots__ = ("attributes", "finished")
+
+    def __init__(self, name: str, outcome: str) -> None:
+        self.attributes: Final = {"ctxkit.task.name": name, "ctxkit.task.outcome": outcome}
+        self.finished = 0
+
+
 class Instruments:
-    """The six instruments of one meter, the runners it observes, and cached attribute sets."""
+    """The six instruments of one meter, the runners it observes, and its series."""
 
     __slots__ = (
         "__weakref__",
@@ -50,7 +68,6 @@ class Instruments:
         "_runners",
         "by_outcome",
         "duration",
-        "finished",
         "rejected",
         "wait",
     )
@@ -71,8 +88,17 @@ class Instruments:
             unit="{task}",
             description="Background tasks waiting for a free slot",
         )
-        self.finished = meter.create_counter(
-            "ctxkit.tasks.finished", unit="{task}", description="Background tasks that ended"
+        #: Outcome -> task name -> its series (the overflow series are not in it).
+        self.by_outcome: dict[str, dict[str, Series]] = {
+            outcome: {} for outcome in ("ok", "error", "timeout", "cancelled")
+        }
+        self._overflow = {outcome: Series(OVERFLOW_NAME, outcome) for outcome in self.by_outcome}
+        by_outcome, overflow = self.by_outcome, self._overflow
+        meter.create_observable_counter(
+            "ctxkit.tasks.finished",
+            callbacks=[lambda options: _observe_finished(by_outcome, overflow)],
+            unit="{task}",
+            description="Background tasks that ended",
         )
         self.rejected = meter.create_counter(
             "ctxkit.tasks.rejected",
@@ -87,19 +113,11 @@ class Instruments:
             unit="s",
             description="How long background tasks waited between spawn and start",
         )
-        #: Outcome -> task name -> the (shared, never mutated) attribute dict of both.
-        self.by_outcome: dict[str, dict[str, dict[str, str]]] = {
-            outcome: {} for outcome in ("ok", "error", "timeout", "cancelled")
-        }
         #: The task names recorded so far (at most ``MAX_TASK_NAMES``).
         self._names: set[str] = set()
-        self._overflow = {
-            outcome: {"ctxkit.task.name": OVERFLOW_NAME, "ctxkit.task.outcome": outcome}
-            for outcome in self.by_outcome
-        }
 
-    def attributes(self, name: str, outcome: str) -> dict[str, str]:
-        """Return the (shared, never mutated) attribute dict for a task name and outcome.
+    def series(self, name: str, outcome: str) -> Series:
+        """Return the series of a task name and outcome (made on first use).
 
         The cardinality is bounded: the first ``MAX_TASK_NAMES`` distinct names are recorded
         as they are; every later one as ``OVERFLOW_NAME`` (a name built per call, such as
@@ -114,7 +132,7 @@ class Instruments:
             if len(self._names) >= MAX_TASK_NAMES:
                 return self._overflow[outcome]
             self._names.add(name)
-        value = by_name[name] = {"ctxkit.task.name": name, "ctxkit.task.outcome": outcome}
+        value = by_name[name] = Series(name, outcome)
         return value
 
     def watch(self, runner: BackgroundRunner) -> None:
@@ -140,6 +158,24 @@ def _observe(
         if runner is not None:
             total += getattr(runner.statistics(), attribute)
     return (metrics.Observation(total),)
+
+
+def _observe_finished(
+    by_outcome: dict[str, dict[str, Series]], overflow: dict[str, Series]
+) -> Iterable[metrics.Observation]:
+    """Observe every series' count of finished tasks (cumulative: counts never decrease)."""
+    while True:
+        try:  # the reader's thread may see a dict grow (a task name seen for the first time)
+            every = [series for by_name in by_outcome.values() for series in by_name.values()]
+            break
+        except RuntimeError:  # pragma: no cover - a race of a few instructions
+            continue
+    every.extend(overflow.values())
+    return [
+        metrics.Observation(series.finished, series.attributes)
+        for series in every
+        if series.finished
+    ]
 
 
 _global: Instruments | None = None

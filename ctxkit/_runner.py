@@ -872,8 +872,10 @@ class BackgroundRunner:
         ``now``: ``perf_counter()`` of the finish that made room, if it took one (the first
         task started takes it as its start time).
         """
-        if self._starting:
-            return  # a task ended while being started: the loop below goes on
+        if self._starting or (self._state != "open" and self._state != "draining"):
+            # A task ended while another was being started (the loop below goes on), or
+            # queued tasks no longer start (they are being cancelled).
+            return
         self._starting = True
         try:
             pending = self._pending
@@ -881,11 +883,9 @@ class BackgroundRunner:
             limit = self._limit
             backend = self._backend
             assert backend is not None
-            while (
-                self._pending_count
-                and (limit is None or len(running) < limit)
-                and self._state in ("open", "draining")
-            ):
+            # The state is not checked again: what leaves "open" and "draining" during a start
+            # (a first step run eagerly) cancels every queued task, so the count drops to 0.
+            while self._pending_count and (limit is None or len(running) < limit):
                 task = pending.popleft()
                 if task._outcome is not None:
                     continue  # cancelled while it waited
@@ -898,13 +898,17 @@ class BackgroundRunner:
                     task._span.add_event("ctxkit.task.started", {"ctxkit.task.wait_s": waited})
                 running[task] = True
                 self._metrics.wait.record(waited)
-                assert task._coro is not None
-                assert task._context is not None
-                native = backend.start(task, task._coro, task._context, task.name, task._timeout)
+                native = backend.start(
+                    task,
+                    task._coro,  # type: ignore[arg-type]  # set until the task ends
+                    task._context,  # type: ignore[arg-type]
+                    task.name,
+                    task._timeout,
+                )
                 if native is not None and task._outcome is None:  # self._hold(), inlined
                     task._native = native
-                    if task._flags & _CANCEL_REQUESTED:
-                        backend.cancel(native, task, task._coro)  # cancelled during its start
+                    if task._flags & _CANCEL_REQUESTED:  # cancelled during its start
+                        backend.cancel(native, task, task._coro)  # type: ignore[arg-type]
                 now = None  # its start may have run its first step (an eager task factory)
         finally:
             self._starting = False
@@ -943,8 +947,11 @@ class BackgroundRunner:
         assert task._coro is not None
         task._coro.close()
         self._finish(task, _CANCELLED, None)
-        if len(self._pending) > 2 * self._pending_count + 64:
-            self._pending = deque(self._live_pending())
+        pending = self._pending
+        if len(pending) > 2 * self._pending_count + 64:
+            live = self._live_pending()
+            pending.clear()  # in place: a _start_next that is starting a task holds it
+            pending.extend(live)
 
     # -- finishing ---------------------------------------------------------------------------
 
@@ -979,14 +986,12 @@ class BackgroundRunner:
             value_name = _OUTCOME_VALUES[id(outcome)]
         metrics = self._metrics
         name = task.name
-        attributes = metrics.by_outcome[value_name].get(name) or metrics.attributes(
-            name, value_name
-        )
-        metrics.finished.add(1, attributes)
+        series = metrics.by_outcome[value_name].get(name) or metrics.series(name, value_name)
+        series.finished += 1
         now = None
         if ran:
             now = perf_counter()
-            metrics.duration.record(now - task._started_at, attributes)
+            metrics.duration.record(now - task._started_at, series.attributes)
         if task._on_done is not None:
             for waiter in task._on_done:
                 if isinstance(waiter, anyio.Event):
@@ -1132,6 +1137,8 @@ def submit(
     else:
         coro = prepare_coroutine(coro_or_fn, args, "spawn")
     from_thread = False
+    # Whether the task waits for a slot; None: not known yet (decided at admission).
+    queued: bool | None = False
     try:
         if (
             propagation != "child"
@@ -1146,12 +1153,14 @@ def submit(
             plan = plan_for(vars, "spawn")
         if runner._state != "open":
             runner._check_accepting()
+            queued = None
         elif not on_its_loop and runner._current_owner() is not runner._owner:
             runner._reserve_from_thread()
             from_thread = True
         else:
             limit = runner._limit
             if limit is not None and len(runner._running) >= limit:
+                queued = True
                 pending_limit = runner._pending_limit
                 if pending_limit is not None and runner._pending_count >= pending_limit:
                     runner._check_room()  # raises RunnerFullError
@@ -1192,8 +1201,11 @@ def submit(
         return task
     # Admission on the runner's loop: ``_count_in`` then ``_launch``, inlined (the hot path).
     runner._spawned += 1
-    limit = runner._limit
-    if limit is not None and len(runner._running) >= limit:
+    if queued is None or span:
+        # Not known yet, or the span's processors (code of the app) may have spawned since.
+        limit = runner._limit
+        queued = limit is not None and len(runner._running) >= limit
+    if queued:
         runner._pending.append(task)
         runner._pending_count += 1
         return task

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -179,6 +180,33 @@ class TestInstruments:
             second.spawn(ok, name="ok")
         finished = read(metric_reader)["ctxkit.tasks.finished"]
         assert sums(finished) == {outcome("ok", "ok"): 2}
+
+    async def test_finished_counts_outlive_their_runner_and_never_decrease(
+        self, meter_provider: MeterProvider, metric_reader: InMemoryMetricReader
+    ) -> None:
+        """The finished counter is observed from counts the meter keeps, not the runners':
+        a closed and collected runner's tasks still count, each collection adds only what
+        ended since, and a name seen again after a collection keeps counting up."""
+
+        async def ok() -> None:
+            pass
+
+        async with ctxkit.BackgroundRunner(meter_provider=meter_provider) as runner:
+            for _ in range(3):
+                await runner.spawn(ok, name="ok")
+            with pytest.raises(ValueError, match="metric"):
+                await runner.spawn(fail, name="fails")
+        del runner
+        gc.collect()
+        first = sums(read(metric_reader)["ctxkit.tasks.finished"])
+        assert first == {outcome("ok", "ok"): 3, outcome("fails", "error"): 1}
+        assert sums(read(metric_reader)["ctxkit.tasks.finished"]) == first
+        async with ctxkit.BackgroundRunner(meter_provider=meter_provider) as runner:
+            await runner.spawn(ok, name="ok")
+        assert sums(read(metric_reader)["ctxkit.tasks.finished"]) == {
+            outcome("ok", "ok"): 4,
+            outcome("fails", "error"): 1,
+        }
 
 
 @pytest.mark.anyio

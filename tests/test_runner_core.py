@@ -121,6 +121,55 @@ class TestEagerTaskFactory:
         assert_identity(runner.statistics())
         assert runner.statistics().cancelled == 1
 
+    @ASYNCIO_ONLY
+    async def test_a_first_step_that_cancels_the_queue_starts_each_task_once(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """A queued task's eager first step cancels 200 queued tasks (the queue is compacted
+        then): the start loop that started it goes on with the compacted queue, so the tasks
+        queued after them start once each and the counts stay exact."""
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+        first, second, later = anyio.Event(), anyio.Event(), anyio.Event()
+        starts: list[str] = []
+        victims: list[ctxkit.BackgroundTask[None]] = []
+
+        async def cancel_the_queue() -> None:
+            for victim in victims:
+                victim.cancel()
+
+        started = anyio.Event()
+
+        async def survivor() -> None:
+            starts.append("survivor")
+            started.set()
+            await later.wait()
+
+        try:
+            async with make_runner(limit=2, pending_limit=None) as runner:
+                runner.spawn(wait_for, first)
+                runner.spawn(wait_for, second)
+                runner.spawn(cancel_the_queue)
+                victims.extend(runner.spawn(noop) for _ in range(200))
+                kept = runner.spawn(survivor)
+                last = runner.spawn(noop)
+                first.set()  # starts cancel_the_queue, then the survivor
+                with anyio.fail_after(2):
+                    await started.wait()
+                assert runner.statistics().pending == 1
+                second.set()  # a slot more: the last one starts (and the survivor not again)
+                with anyio.fail_after(2):
+                    assert await last.wait() == "ok"
+                assert_identity(runner.statistics())
+                later.set()
+                assert await kept.wait() == "ok"
+        finally:
+            loop.set_task_factory(None)
+        assert starts == ["survivor"]
+        stats = runner.statistics()
+        assert_identity(stats)
+        assert (stats.ok, stats.cancelled) == (5, 200)
+
 
 def _wrapping_factory(
     loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any
@@ -180,6 +229,62 @@ class TestWrappingTaskFactory:
             loop.set_task_factory(None)
         assert runner.statistics().cancelled == 1
         assert ctxkit_messages(caplog, logging.WARNING) == []
+
+
+class _OwnCreateTaskLoop(asyncio.SelectorEventLoop):
+    """A loop class with a create_task of its own (as uvloop's is): it names what it made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[str] = []
+
+    def create_task(self, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        task = super().create_task(coro, **kwargs)
+        self.made.append(task.get_name())
+        return task
+
+
+class TestHowTasksAreCreated:
+    """On asyncio's own loops with no task factory ctxkit builds the asyncio.Task itself."""
+
+    def test_a_loop_with_its_own_create_task_is_asked(self) -> None:
+        loop = _OwnCreateTaskLoop()
+
+        async def main() -> None:
+            async with ctxkit.BackgroundRunner() as runner:
+                runner.spawn(noop, name="first")
+                ctxkit.spawn(noop, name="second")
+
+        with asyncio.Runner(loop_factory=lambda: loop) as run:
+            run.run(main())
+        assert "first" in loop.made
+        assert "second" in loop.made
+
+    @ASYNCIO_ONLY
+    async def test_the_task_built_directly_is_the_task_create_task_makes(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """Same class, name and context as loop.create_task would give; it is the loop's
+        current task inside, and cancelling the handle cancels it."""
+        seen: list[tuple[object, str, object]] = []
+        looked = anyio.Event()
+
+        async def look() -> None:
+            await anyio.lowlevel.checkpoint()  # an eager factory names the task after step 1
+            task = asyncio.current_task()
+            assert task is not None
+            seen.append((type(task), task.get_name(), marker.get(None)))
+            looked.set()
+            await anyio.sleep_forever()
+
+        marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker")
+        marker.set("carried")
+        async with make_runner() as runner:
+            handle = runner.spawn(look, name="looked", vars=[marker])
+            await looked.wait()
+            assert handle.cancel()
+            assert await handle.wait() == "cancelled"
+        assert seen == [(asyncio.Task, "looked", "carried")]
 
 
 class TestBoundedShutdown:

@@ -37,7 +37,7 @@ _CANCELLED: Final = TaskOutcome.CANCELLED
 class AsyncioBackend:
     """Start and cancel the tasks of one runner on one asyncio event loop."""
 
-    __slots__ = ("_finished", "_loop", "_watch")
+    __slots__ = ("_finished", "_loop", "_plain_create_task", "_watch")
 
     name: Final = "asyncio"
 
@@ -52,6 +52,10 @@ class AsyncioBackend:
         self._loop = loop
         self._finished = finished
         self._watch = watch_unstarted
+        # The loop creates its tasks as asyncio's own base loop does: with no task factory
+        # set, ``start`` builds the ``asyncio.Task`` itself (one Python call less per task). A
+        # loop class with its own ``create_task`` (uvloop's) is always asked.
+        self._plain_create_task = type(loop).create_task is asyncio.BaseEventLoop.create_task
 
     def is_current(self) -> bool:
         return asyncio._get_running_loop() is self._loop
@@ -75,7 +79,14 @@ class AsyncioBackend:
         wrapper = (
             _run(self, task, coro) if timeout is None else _run_timed(self, task, coro, timeout)
         )
-        impl = self._loop.create_task(wrapper, name=name, context=context)
+        loop = self._loop
+        if self._plain_create_task and loop.get_task_factory() is None:
+            # What BaseEventLoop.create_task does then (the loop is running, so not closed).
+            impl = asyncio.Task(wrapper, loop=loop, name=name, context=context)
+            if self._watch:
+                self._report_if_never_run(impl, task, coro, wrapper)
+            return impl
+        impl = loop.create_task(wrapper, name=name, context=context)
         if self._watch or (not impl.done() and impl.get_coro() is not wrapper):
             # Watched from the start: the implicit runner's loop may cancel it before it runs
             # (asyncio.run's end), and a task factory that wraps the coroutine (Sentry's does)
