@@ -9,12 +9,16 @@ process with interleaved rounds in a shuffled order (as the suite does):
 3. through a wrapper coroutine that catches the outcome;
 4. with a handle object per task (14 slots, as ``BackgroundTask``) passed to the wrapper;
 5. held in a dict of running tasks from spawn to end (the strong reference);
-6. with the three metric calls ctxkit makes per task (``wait`` at start, ``finished`` and
-   ``duration`` at the end, with two ``perf_counter()`` reads), on the API's proxy meter.
+6. with the metrics ctxkit records per task: ``wait`` at start and ``duration`` at the end
+   (two histogram calls on the API's proxy meter, two ``perf_counter()`` reads), and one
+   count per task name and outcome (what the observed ``ctxkit.tasks.finished`` reads);
+7. row 6 with at most 100 tasks running: the others wait in a deque, and each end starts the
+   next one (its wait recorded), with no checks at all.
 
-Row 6 is the structure of a supervised spawn, written inline with no checks at all;
-``runner.spawn`` and ``ctxkit.spawn`` minus row 6 is what ctxkit's own logic costs (finding
-the runner, options, admission and limits, the core's bookkeeping at the end). Stand-ins only,
+Row 6 is the structure of a supervised spawn, written inline with no checks at all, and row 7
+the same with the default limit; ``runner.spawn`` and ``ctxkit.spawn`` minus row 6 (row 7 for
+``limit=100``) is what ctxkit's own logic costs (finding the runner, options, admission and
+limits, the core's bookkeeping at the end). Stand-ins only,
 public APIs only: nothing here reaches into ctxkit. On this kind of VM, a layer that adds one
 Python call per task costs several times what the same call costs in a tight loop: the burst
 touches 10,000 tasks' objects, which no cache holds.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections import deque
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +44,17 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
 N = 10_000
+LIMIT = 100
 BARE = "1. bare create_task"
+
+
+class _Series:
+    """A stand-in for ctxkit's per-name-and-outcome count of finished tasks."""
+
+    __slots__ = ("finished",)
+
+    def __init__(self) -> None:
+        self.finished = 0
 
 
 class _Handle:
@@ -60,11 +75,12 @@ class _Handle:
 def _variants() -> list[Variant]:
     meter = metrics.get_meter("benchmarks.layers")
     wait = meter.create_histogram("wait")
-    finished = meter.create_counter("finished")
     duration = meter.create_histogram("duration")
     attributes = {"ctxkit.task.name": "tick", "ctxkit.task.outcome": "ok"}
+    series = _Series()
     running: dict[Any, bool] = {}
     failed: list[BaseException] = []
+    queue: deque[_Handle] = deque()
 
     async def plain(coro: Coroutine[Any, Any, Any]) -> None:
         try:
@@ -94,8 +110,26 @@ def _variants() -> list[Variant]:
             failed.append(exc)
         running.pop(handle, None)
         handle.s0 = handle.s1 = None
-        finished.add(1, attributes)
+        series.finished += 1
         duration.record(perf_counter() - handle.s9, attributes)  # type: ignore[operator]
+
+    async def queued(handle: _Handle, coro: Coroutine[Any, Any, Any]) -> None:
+        try:
+            await coro
+        except Exception as exc:  # pragma: no cover
+            failed.append(exc)
+        running.pop(handle, None)
+        handle.s0 = handle.s1 = None
+        series.finished += 1
+        end = perf_counter()
+        duration.record(end - handle.s9, attributes)  # type: ignore[operator]
+        if queue:
+            waiting = queue.popleft()
+            wait.record(end - waiting.s9)  # type: ignore[operator]
+            waiting.s9 = end
+            running[waiting] = True
+            loop: asyncio.AbstractEventLoop = waiting.s2  # type: ignore[assignment]
+            loop.create_task(queued(waiting, waiting.s0), context=waiting.s1)  # type: ignore[arg-type]
 
     def layer(name: str, spawn: Callable[[asyncio.AbstractEventLoop, Batch], None]) -> Variant:
         async def run() -> int:
@@ -142,10 +176,22 @@ def _variants() -> list[Variant]:
         wait.record(0.0)
         loop.create_task(measured(handle, coro), context=context)
 
-    def ctxkit_variant(name: str, direct: bool) -> Variant:
+    def with_queue(loop: asyncio.AbstractEventLoop, batch: Batch) -> None:
+        context = ctxkit.clone_without_span(*VARS)
+        coro = tick(batch)
+        handle = _Handle(coro, context, perf_counter())
+        if len(running) >= LIMIT:
+            handle.s2 = loop
+            queue.append(handle)
+            return
+        running[handle] = True
+        wait.record(0.0)
+        loop.create_task(queued(handle, coro), context=context)
+
+    def ctxkit_variant(name: str, direct: bool, limit: int | None = None) -> Variant:
         async def run() -> int:
             batch = Batch(N, asyncio.Event())
-            async with ctxkit.BackgroundRunner(limit=None) as runner:
+            async with ctxkit.BackgroundRunner(limit=limit) as runner:
                 spawn = runner.spawn if direct else ctxkit.spawn
                 with trace.use_span(request_span()):
                     t0 = now()
@@ -163,9 +209,12 @@ def _variants() -> list[Variant]:
         layer("3. + a wrapper coroutine", wrapped),
         layer("4. + a 14-slot handle per task", with_handle),
         layer("5. + a dict of running tasks", with_dict),
-        layer("6. + 3 metric calls, 2 perf_counter()", with_metrics),
+        layer("6. + metrics: 2 histogram calls, a count, 2 perf_counter()", with_metrics),
+        layer(f"7. row 6, at most {LIMIT} running, a deque for the rest", with_queue),
         ctxkit_variant("runner.spawn (limit=None)", direct=True),
         ctxkit_variant("ctxkit.spawn (limit=None)", direct=False),
+        ctxkit_variant(f"runner.spawn (limit={LIMIT})", direct=True, limit=LIMIT),
+        ctxkit_variant(f"ctxkit.spawn (limit={LIMIT})", direct=False, limit=LIMIT),
     ]
 
 
@@ -177,7 +226,9 @@ async def _main(rounds: int) -> None:
         _variants(),
         baseline=BARE,
         rounds=rounds,
-        notes=["each row adds one layer to the row above it; rows 7-8 are ctxkit itself"],
+        notes=[
+            "each row adds one layer to the row above it (row 7: to row 6); the rest is ctxkit",
+        ],
     )
     print(result.table())
 

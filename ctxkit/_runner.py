@@ -96,9 +96,10 @@ def current_task() -> BackgroundTask[Any] | None:
 
     A plain task started by a background task (``asyncio.create_task``, a nursery) is not
     the background task: there this returns None. It looks the handle up in the running loop
-    task's coroutine (about a microsecond; a few under a task factory that wraps coroutines,
-    whose wrapper it looks past on the task's stack), so spawning and finishing pay nothing
-    for it.
+    task's coroutine, so spawning and finishing pay nothing for it and each call pays instead:
+    1.7 us on the benchmark VM with Python 3.11, 4x ``asyncio.current_task()`` (``python -m
+    benchmarks.calls``). Under a task factory that wraps each coroutine it looks past the
+    factory's wrapper on the task's own stack: 3 us there, more the deeper the call is made.
     """
     return current_handle()  # type: ignore[return-value]
 

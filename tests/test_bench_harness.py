@@ -35,3 +35,25 @@ def test_each_round_runs_every_variant_once_in_a_recorded_order() -> None:
 def test_the_same_seed_gives_the_same_order() -> None:
     assert _run(7).orders == _run(7).orders
     assert _run(7).orders != _run(8).orders
+
+
+def test_the_per_call_benchmark_runs_and_finds_every_handle(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``python -m benchmarks.calls`` measures lookups that find the handle (it raises if one
+    answers None, as it would outside a background task or past a removed task factory)."""
+    from benchmarks import calls
+
+    assert calls.main(["--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ctxkit.current_task(), wrapping task factory" in out
+    assert "trio.lowlevel.current_task()" in out
+
+
+def test_the_layers_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import layers
+
+    assert layers.main(["--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "7. row 6, at most 100 running" in out
+    assert "ctxkit.spawn (limit=100)" in out

@@ -180,10 +180,10 @@ def current_handle() -> object | None:
         if native is None:
             return None
         coro = native.get_coro()
-        if getattr(coro, "cr_code", None) not in _wrappers and loop.get_task_factory():
+        if getattr(coro, "cr_code", None) not in _wrappers:
             # A task factory may wrap the coroutine it is given (Sentry's does): the wrapper
             # then runs inside the loop task's coroutine, on this call's stack.
-            return _handle_on_stack(coro)
+            return _handle_on_stack(coro) if loop.get_task_factory() else None
     else:
         trio = sys.modules.get("trio")
         if trio is None:
@@ -192,8 +192,8 @@ def current_handle() -> object | None:
             coro = trio.lowlevel.current_task().coro
         except RuntimeError:
             return None
-    if getattr(coro, "cr_code", None) not in _wrappers:
-        return None
+        if getattr(coro, "cr_code", None) not in _wrappers:
+            return None
     frame = coro.cr_frame  # type: ignore[union-attr]
     return None if frame is None else frame.f_locals.get("task")
 
