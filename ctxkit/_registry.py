@@ -92,8 +92,17 @@ _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopRunners] = (
 )
 #: The asyncio loop whose runners were looked up last (weakly), and its runners: the one
 #: look-up that ``loop_runners_here`` keeps. Read, never written, by ``ctxkit.spawn``'s hot
-#: path, which inlines ``loop_runners_here``'s first case.
+#: path, which inlines ``loop_runners_here``'s first case. Cleared when that loop is
+#: garbage-collected, so it never keeps a finished loop's runners longer than ``_by_loop``.
 last: tuple[weakref.ref[asyncio.AbstractEventLoop], LoopRunners] | None = None
+
+
+def _forget(ref: weakref.ref[asyncio.AbstractEventLoop]) -> None:
+    """Drop ``last`` if it is about the loop just collected (a weak reference's callback)."""
+    global last
+    seen = last
+    if seen is not None and seen[0] is ref:
+        last = None
 #: The runners of each trio run, made when first needed with trio imported (trio is optional).
 #: trio's own RunVar, not anyio's: one dict lookup against ~3 us, on every ctxkit.spawn.
 _trio_var: RunVar[LoopRunners] | None = None
@@ -128,7 +137,7 @@ def loop_runners_here() -> LoopRunners | None:
             state = _by_loop[loop]
         except KeyError:
             state = _by_loop[loop] = LoopRunners(implicit_allowed=True)
-        last = (weakref.ref(loop), state)
+        last = (weakref.ref(loop, _forget), state)
         return state
     run_var = _trio_var if _trio_var is not None else _make_trio_var()
     if run_var is not None:

@@ -21,7 +21,7 @@ import pytest
 from opentelemetry import context as otel_context
 
 import ctxkit
-from ctxkit import _clone, propagation
+from ctxkit import _clone, _registry, propagation
 from ctxkit.testing import open_runner
 
 from ._support import ASYNCIO_ONLY, assert_identity, is_closed, noop, wait_for
@@ -461,6 +461,22 @@ class TestTestingRunnerIsScoped:
         handle = ctxkit.spawn(noop)
         assert handle.done() or await handle.wait() == "ok"
         assert ctxkit.current_runner() is not runner
+
+
+def test_a_finished_loops_runners_are_freed_with_the_loop() -> None:
+    """The registry's memo of the last loop looked up lets go of that loop's runners when the
+    loop is garbage-collected (it used to keep them until another loop spawned)."""
+    refs: list[weakref.ref[Any]] = []
+
+    async def main() -> None:
+        async with ctxkit.BackgroundRunner() as runner:
+            await ctxkit.spawn(noop)
+            refs.append(weakref.ref(_registry.loop_runners()))
+            refs.append(weakref.ref(runner))
+
+    asyncio.run(main())
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
 
 
 class TestNoCycles:
