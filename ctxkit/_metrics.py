@@ -2,23 +2,22 @@
 
 - ``ctxkit.tasks.active`` (ObservableUpDownCounter, ``{task}``): tasks running now.
 - ``ctxkit.tasks.pending`` (ObservableUpDownCounter, ``{task}``): tasks waiting for a free slot.
-
 - ``ctxkit.tasks.finished`` (ObservableCounter, ``{task}``): ended tasks, by
   ``ctxkit.task.name`` and ``ctxkit.task.outcome``. At most 256 distinct task names per meter
   are recorded; later names are recorded as ``ctxkit.other``, so names built per call cannot
   grow the metric without bound.
-
-These three are observed at collection time (a callback, run on the metric reader's
-thread): the gauges from the runners that use the meter, the finished counter from the
-counts the runners keep per series (a ``Series``, shared by every runner of the meter, never
-decreasing). So they export exactly as synchronous instruments would, but finishing a task
-costs an integer increment instead of a metric call. The other three are recorded as things
-happen.
 - ``ctxkit.tasks.rejected`` (Counter, ``{task}``): spawns refused because the runner was full.
 - ``ctxkit.task.duration`` (Histogram, ``s``): how long tasks ran (start to end), same
   attributes as finished.
 - ``ctxkit.task.wait`` (Histogram, ``s``): how long tasks waited for a free slot (0.0 for a
   task that started at spawn).
+
+The first three are observed at collection time (a callback, run on the metric reader's
+thread): the gauges from the runners that use the meter, the finished counter from the
+counts the runners keep per series (a ``Series``, shared by every runner of the meter, never
+decreasing). So they export exactly as synchronous instruments would, but finishing a task
+costs an integer increment instead of a metric call. The other three are recorded as things
+happen.
 """
 
 from __future__ import annotations

@@ -103,6 +103,8 @@ def _forget(ref: weakref.ref[asyncio.AbstractEventLoop]) -> None:
     seen = last
     if seen is not None and seen[0] is ref:
         last = None
+
+
 #: The runners of each trio run, made when first needed with trio imported (trio is optional).
 #: trio's own RunVar, not anyio's: one dict lookup against ~3 us, on every ctxkit.spawn.
 _trio_var: RunVar[LoopRunners] | None = None
