@@ -122,6 +122,40 @@ class TestEagerTaskFactory:
         assert runner.statistics().cancelled == 1
 
     @ASYNCIO_ONLY
+    async def test_cancel_during_the_eager_first_step_of_a_task_that_then_waits(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """A task that cancels itself in its eager first step and then suspends is cancelled
+        at its wait, whether spawn started it or the end of another task did (a queued one)."""
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+        reached: list[str] = []
+
+        async def cancels_itself_then_waits() -> None:
+            task = ctxkit.current_task()
+            assert task is not None
+            assert task.cancel()
+            try:
+                await anyio.sleep_forever()
+            except BaseException:
+                reached.append("cancelled at its wait")
+                raise
+
+        try:
+            async with make_runner(limit=1) as runner:
+                started_by_spawn = runner.spawn(cancels_itself_then_waits)
+                started_by_an_end = runner.spawn(cancels_itself_then_waits)
+                with anyio.fail_after(2):
+                    assert await started_by_spawn.wait() == "cancelled"
+                    assert await started_by_an_end.wait() == "cancelled"
+        finally:
+            loop.set_task_factory(None)
+        assert reached == ["cancelled at its wait"] * 2
+        stats = runner.statistics()
+        assert_identity(stats)
+        assert stats.cancelled == 2
+
+    @ASYNCIO_ONLY
     async def test_a_first_step_that_cancels_the_queue_starts_each_task_once(
         self, make_runner: MakeRunner
     ) -> None:
