@@ -295,6 +295,31 @@ class TestHowTasksAreCreated:
         assert "second" in loop.made
 
     @ASYNCIO_ONLY
+    async def test_a_create_task_patched_on_the_class_or_the_loop_is_asked(
+        self, make_runner: MakeRunner, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An agent that patched BaseEventLoop.create_task, or the loop's own create_task,
+        before the runner opened sees every task ctxkit starts."""
+        loop = asyncio.get_running_loop()
+        seen: list[str] = []
+        original = asyncio.BaseEventLoop.create_task
+
+        def patched(self: Any, coro: Any, **kwargs: Any) -> Any:
+            seen.append(kwargs.get("name") or "?")
+            return original(self, coro, **kwargs)
+
+        async with make_runner() as runner:
+            await runner.spawn(noop, name="plain")
+        monkeypatch.setattr(asyncio.BaseEventLoop, "create_task", patched)
+        async with make_runner() as runner:
+            await runner.spawn(noop, name="class")
+        monkeypatch.undo()
+        monkeypatch.setattr(loop, "create_task", lambda coro, **kw: patched(loop, coro, **kw))
+        async with make_runner() as runner:
+            await runner.spawn(noop, name="instance")
+        assert seen == ["class", "instance"]
+
+    @ASYNCIO_ONLY
     async def test_the_task_built_directly_is_the_task_create_task_makes(
         self, make_runner: MakeRunner
     ) -> None:

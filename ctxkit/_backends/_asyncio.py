@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from asyncio import current_task
+from types import FunctionType
 from typing import TYPE_CHECKING, Final
 
 from .._task import TaskOutcome
@@ -52,10 +53,17 @@ class AsyncioBackend:
         self._loop = loop
         self._finished = finished
         self._watch = watch_unstarted
-        # The loop creates its tasks as asyncio's own base loop does: with no task factory
-        # set, ``start`` builds the ``asyncio.Task`` itself (one Python call less per task). A
-        # loop class with its own ``create_task`` (uvloop's) is always asked.
-        self._plain_create_task = type(loop).create_task is asyncio.BaseEventLoop.create_task
+        # Whether the loop creates its tasks as asyncio's own base loop does; then, while no
+        # task factory is set, ``start`` builds the ``asyncio.Task`` itself (one Python call
+        # less per task). A loop class with its own ``create_task`` (uvloop's), a loop whose
+        # ``create_task`` was replaced on it, and a patched ``BaseEventLoop.create_task`` (an
+        # APM agent's) are always asked. Decided here, when the runner opens: looking again
+        # on every spawn cost ~3% of case 1 (benchmarks/RESULTS.md, run L).
+        self._plain_create_task = (
+            _BASE_CREATE_TASK is not None
+            and type(loop).create_task is _BASE_CREATE_TASK
+            and "create_task" not in vars(loop)
+        )
 
     def is_current(self) -> bool:
         return asyncio._get_running_loop() is self._loop
@@ -153,6 +161,26 @@ class AsyncioBackend:
         exc_tb: TracebackType | None,
     ) -> bool:
         return False  # a task's KeyboardInterrupt/SystemExit already left the loop as itself
+
+
+def _genuine_base_create_task() -> object | None:
+    """Return asyncio's own ``BaseEventLoop.create_task``, or None if it was replaced already.
+
+    A replacement (a wrapt proxy, a function with ``__wrapped__``, another module's function)
+    must be called for every task, so ``start`` never builds the task itself then.
+    """
+    fn = asyncio.BaseEventLoop.create_task
+    if (
+        type(fn) is FunctionType
+        and fn.__module__ == "asyncio.base_events"
+        and fn.__qualname__ == "BaseEventLoop.create_task"
+        and not hasattr(fn, "__wrapped__")
+    ):
+        return fn
+    return None
+
+
+_BASE_CREATE_TASK: Final = _genuine_base_create_task()
 
 
 @wrapper
