@@ -81,16 +81,21 @@ class Worker:
         return (self.directory / "worker.log").read_text(errors="replace")
 
     def _lines(self, name: str) -> list[dict[str, Any]]:
+        """The complete lines the worker wrote so far (it may be writing the last one now)."""
         path = self.directory / name
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line]
+        complete, _, _being_written = path.read_text().rpartition("\n")
+        return [json.loads(line) for line in complete.splitlines() if line]
 
     def spans(self, name: str | None = None) -> list[dict[str, Any]]:
         return [s for s in self._lines("spans.jsonl") if name is None or s["name"] == name]
 
     def span(self, name: str, **match: object) -> dict[str, Any]:
-        found = [s for s in self.spans(name) if all(s.get(k) == v for k, v in match.items())]
+        """The one span named ``name`` with these fields (waiting for the worker's export)."""
+        found = eventually(
+            lambda: [s for s in self.spans(name) if all(s.get(k) == v for k, v in match.items())]
+        )
         assert len(found) == 1, f"{name} {match}: {found}\n{self.log}"
         return found[0]
 
