@@ -57,3 +57,14 @@ def test_the_layers_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "7. row 6, at most 100 running" in out
     assert "ctxkit.spawn (limit=100)" in out
+
+
+def test_the_paired_benchmark_runs_against_this_very_commit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks import paired
+
+    assert paired.main(["HEAD", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ctxkit here (limit=100)" in out
+    assert "ctxkit at HEAD (limit=None)" in out

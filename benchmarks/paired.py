@@ -1,0 +1,111 @@
+"""This checkout's ctxkit against another commit's, side by side in one process.
+
+``python -m benchmarks.paired REV [--rounds 21] [--seed 1]``: case 1's shape (a burst of 10,000
+trivial tasks, 4 vars, a valid request span, no task span) with ``ctxkit.spawn`` of this
+checkout and of commit ``REV`` (exported with ``git archive`` into a temporary directory and
+imported as the package ``ctxkit_rev``; ctxkit's modules import each other relatively), with
+both limits, plus a bare ``create_task``, in interleaved rounds in a shuffled order. The
+``vs ref`` column is this checkout's time over ``REV``'s in the same round: the figure for a
+change too small to see across two full runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import trace
+
+import ctxkit
+
+from ._common import VARS, Batch, now, request_span, set_vars, tick
+from ._harness import Variant, measure, set_seed
+
+N = 10_000
+BARE = "bare create_task"
+
+
+def _import_rev(rev: str, into: Path) -> Any:
+    """Export ``ctxkit/`` at ``rev`` into ``into`` and import it as ``ctxkit_rev``."""
+    repo = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", rev, "ctxkit"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    (into / "ctxkit").rename(into / "ctxkit_rev")
+    sys.path.insert(0, str(into))
+    return importlib.import_module("ctxkit_rev")
+
+
+def _variants(other: Any, rev: str) -> list[Variant]:
+    async def bare() -> int:
+        batch = Batch(N, asyncio.Event())
+        with trace.use_span(request_span()):
+            t0 = now()
+            for _ in range(N):
+                asyncio.create_task(tick(batch))  # noqa: RUF006 - the baseline
+            await batch.done.wait()
+            await asyncio.sleep(0)
+            return now() - t0
+
+    def spawning(name: str, module: Any, limit: int | None, ref: str | None) -> Variant:
+        async def run() -> int:
+            batch = Batch(N, asyncio.Event())
+            async with module.BackgroundRunner(limit=limit):
+                with trace.use_span(request_span()):
+                    t0 = now()
+                    for _ in range(N):
+                        module.spawn(tick(batch), span=False, vars=VARS)
+                    await batch.done.wait()
+                    await asyncio.sleep(0)
+                    return now() - t0
+
+        return Variant(name, run, N, ref=ref)
+
+    variants = [Variant(BARE, bare, N)]
+    for limit in (None, 100):
+        theirs = f"ctxkit at {rev} (limit={limit})"
+        variants.append(spawning(theirs, other, limit, None))
+        variants.append(spawning(f"ctxkit here (limit={limit})", ctxkit, limit, theirs))
+    return variants
+
+
+async def _main(other: Any, rev: str, rounds: int) -> None:
+    set_vars()
+    result = await measure(
+        "paired",
+        f"ctxkit here vs at {rev}, case 1's shape, no span, 4 vars, {N:,} tasks/batch",
+        _variants(other, rev),
+        baseline=BARE,
+        rounds=rounds,
+        notes=["vs ref: this checkout's time over the other commit's, same round"],
+    )
+    print(result.table())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.paired")
+    parser.add_argument("rev", help="the commit to compare with (anything git archive takes)")
+    parser.add_argument("--rounds", type=int, default=21, help="measured rounds (default 21)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the round order")
+    args = parser.parse_args(argv)
+    set_seed(args.seed)
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            other = _import_rev(args.rev, Path(directory))
+            asyncio.run(_main(other, args.rev, args.rounds))
+        finally:  # a later call (another REV) imports its own copy
+            sys.path[:] = [entry for entry in sys.path if entry != directory]
+            for name in [name for name in sys.modules if name.split(".")[0] == "ctxkit_rev"]:
+                del sys.modules[name]
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
