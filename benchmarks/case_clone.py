@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from contextvars import Context, ContextVar, copy_context
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import TracerProvider
@@ -48,34 +48,46 @@ COPY = "copy_context()"
 COPY_SET = "copy_context() + 1 var set"
 
 
-def _source(i: int) -> Context:
+def source(i: int) -> Context:
     """Return a source context: all vars set to values unique to ``i``, a span of its own."""
     return request_context(i, ALL_VARS)
 
 
-def _variant(name: str, op: Callable[[], object], sources: Sequence[Context]) -> Variant:
-    def chunk(start: int, stop: int) -> int:
-        part = sources[start:stop]
-        t0 = now()
-        for source in part:
-            source.run(op)
-        return now() - t0
-
-    return Variant(name, lambda: best_of(chunk, len(sources)), len(sources))
-
-
-def variants(n: int, n_span: int) -> list[Variant]:
-    """Return the variants; ``n`` operations per batch (``n_span`` for span-starting ones)."""
-    provider = TracerProvider()
-    one = _source(0)
-    same = [one] * n
-    same_span = [one] * n_span
-    fresh = [_source(i) for i in range(n)]
+def _baseline() -> Callable[[], None]:
     first = VARS[0]
 
     def copy_set() -> None:
         copy_context().run(first.set, "x")
 
+    return copy_set
+
+
+#: The baseline: a copy of the calling context with one var set in it.
+copy_set: Final = _baseline()
+
+
+def variant(
+    name: str, op: Callable[[], object], sources: Sequence[Context], ref: str | None = None
+) -> Variant:
+    """Return a variant that runs ``op`` once in each of ``sources`` (``source.run(op)``)."""
+
+    def chunk(start: int, stop: int) -> int:
+        part = sources[start:stop]
+        t0 = now()
+        for context in part:
+            context.run(op)
+        return now() - t0
+
+    return Variant(name, lambda: best_of(chunk, len(sources)), len(sources), ref=ref)
+
+
+def variants(n: int, n_span: int) -> list[Variant]:
+    """Return the variants; ``n`` operations per batch (``n_span`` for span-starting ones)."""
+    provider = TracerProvider()
+    one = source(0)
+    same = [one] * n
+    same_span = [one] * n_span
+    fresh = [source(i) for i in range(n)]
     v0, v1, v2, v3 = VARS
     missing = object()
     get_current = otel_context.get_current
@@ -88,21 +100,21 @@ def variants(n: int, n_span: int) -> list[Variant]:
         v3.get(missing)
 
     result = [
-        _variant(COPY_SET, copy_set, same),
-        _variant(COPY, copy_context, same),
-        _variant(EMPTY, lambda: None, same),
-        _variant(OTEL_READ, get_current, same),
-        _variant(READS_4, reads_4, same),
+        variant(COPY_SET, copy_set, same),
+        variant(COPY, copy_context, same),
+        variant(EMPTY, lambda: None, same),
+        variant(OTEL_READ, get_current, same),
+        variant(READS_4, reads_4, same),
     ]
     for k in KS:
         vars_k: tuple[ContextVar[Any], ...] = ALL_VARS[:k]
         without = functools.partial(ctxkit.clone_without_span, *vars_k)
         marked = functools.partial(ctxkit.clone, *vars_k, tracer_provider=provider)
         result += [
-            _variant(f"by hand, {k} vars", functools.partial(hand_clone, vars_k), same),
-            _variant(f"clone_without_span, {k} vars, same source", without, same),
-            _variant(f"clone_without_span, {k} vars, new source", without, fresh),
-            _variant(f"clone, {k} vars (SDK span)", marked, same_span),
+            variant(f"by hand, {k} vars", functools.partial(hand_clone, vars_k), same),
+            variant(f"clone_without_span, {k} vars, same source", without, same),
+            variant(f"clone_without_span, {k} vars, new source", without, fresh),
+            variant(f"clone, {k} vars (SDK span)", marked, same_span),
         ]
     return result
 

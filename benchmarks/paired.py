@@ -1,12 +1,17 @@
 """This checkout's ctxkit against another commit's, side by side in one process.
 
-``python -m benchmarks.paired REV [--rounds 21] [--seed 1]``: case 1's shape (a burst of 10,000
-trivial tasks, 4 vars, a valid request span, no task span) with ``ctxkit.spawn`` of this
-checkout and of commit ``REV`` (exported with ``git archive`` into a temporary directory and
-imported as the package ``ctxkit_rev``; ctxkit's modules import each other relatively), with
-both limits, plus a bare ``create_task``, in interleaved rounds in a shuffled order. The
-``vs ref`` column is this checkout's time over ``REV``'s in the same round: the figure for a
-change too small to see across two full runs.
+``python -m benchmarks.paired REV [--case spawn|clone] [--rounds 21] [--seed 1]`` compares
+ctxkit of this checkout with that of commit ``REV`` (exported with ``git archive`` into a
+temporary directory and imported as the package ``ctxkit_rev``; ctxkit's modules import each
+other relatively), in interleaved rounds in a shuffled order:
+
+- ``spawn`` (the default): case 1's shape (a burst of 10,000 trivial tasks, 4 vars, a valid
+  request span, no task span), ``ctxkit.spawn`` with both limits, plus a bare ``create_task``;
+- ``clone``: case 3's shape, ``clone_without_span`` of 4 vars from the same source and from a
+  new source per call, plus ``copy_context()`` + 1 var set.
+
+The ``vs ref`` column is this checkout's time over ``REV``'s in the same round: the figure for
+a change too small to see across two full runs.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import importlib
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +30,9 @@ from opentelemetry import trace
 
 import ctxkit
 
+from . import case_clone
 from ._common import VARS, Batch, now, request_span, set_vars, tick
-from ._harness import Variant, measure, set_seed
+from ._harness import CHUNKS, Variant, measure, measure_sync, set_seed
 
 N = 10_000
 BARE = "bare create_task"
@@ -76,6 +83,25 @@ def _variants(other: Any, rev: str) -> list[Variant]:
     return variants
 
 
+def _clone_variants(other: Any, rev: str) -> list[Variant]:
+    n = 20_000
+    same = [case_clone.source(0)] * n
+    fresh = [case_clone.source(i) for i in range(n)]
+    variants = [case_clone.variant(case_clone.COPY_SET, case_clone.copy_set, same)]
+    for label, sources in (("same source", same), ("new source", fresh)):
+        theirs = f"clone_without_span at {rev}, 4 vars, {label}"
+        variants += [
+            case_clone.variant(theirs, partial(other.clone_without_span, *VARS), sources),
+            case_clone.variant(
+                f"clone_without_span here, 4 vars, {label}",
+                partial(ctxkit.clone_without_span, *VARS),
+                sources,
+                ref=theirs,
+            ),
+        ]
+    return variants
+
+
 async def _main(other: Any, rev: str, rounds: int) -> None:
     set_vars()
     result = await measure(
@@ -84,14 +110,32 @@ async def _main(other: Any, rev: str, rounds: int) -> None:
         _variants(other, rev),
         baseline=BARE,
         rounds=rounds,
-        notes=["vs ref: this checkout's time over the other commit's, same round"],
+        notes=[_NOTE],
     )
     print(result.table())
+
+
+def _clone_main(other: Any, rev: str, rounds: int) -> None:
+    result = measure_sync(
+        "paired-clone",
+        f"ctxkit here vs at {rev}, case 3's shape, 20,000 ops/batch",
+        _clone_variants(other, rev),
+        baseline=case_clone.COPY_SET,
+        rounds=rounds,
+        notes=[_NOTE, f"each round's figure is the fastest of {CHUNKS} equal sub-batches"],
+    )
+    print(result.table())
+
+
+_NOTE = "vs ref: this checkout's time over the other commit's, same round"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.paired")
     parser.add_argument("rev", help="the commit to compare with (anything git archive takes)")
+    parser.add_argument(
+        "--case", choices=("spawn", "clone"), default="spawn", help="the shape (default spawn)"
+    )
     parser.add_argument("--rounds", type=int, default=21, help="measured rounds (default 21)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the round order")
     args = parser.parse_args(argv)
@@ -99,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as directory:
         try:
             other = _import_rev(args.rev, Path(directory))
-            asyncio.run(_main(other, args.rev, args.rounds))
+            if args.case == "spawn":
+                asyncio.run(_main(other, args.rev, args.rounds))
+            else:
+                _clone_main(other, args.rev, args.rounds)
         finally:  # a later call (another REV) imports its own copy
             sys.path[:] = [entry for entry in sys.path if entry != directory]
             for name in [name for name in sys.modules if name.split(".")[0] == "ctxkit_rev"]:

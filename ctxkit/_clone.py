@@ -135,10 +135,12 @@ class _Plan:
     """What is worked out once per selection: a reader of its vars, and its clone cache.
 
     ``current()`` is the hot path of ``clone_without_span()`` and ``spawn(span=False)``: it
-    reads the selected vars, the OpenTelemetry context and the fake trace id of the calling
-    context, and when all of them are the very objects the plan's last span-less clone was
-    made from, returns a copy of that clone (``Context.copy()`` is O(1)); otherwise it builds
-    one and keeps it in ``cache``, the one cache of the clone path.
+    reads the selected vars and the OpenTelemetry context of the calling context, and when
+    they are the very objects the plan's last span-less clone was made from -- and so is the
+    fake trace id, where that clone has no valid span (a clone with one carries no fake id,
+    so the fake id is not even read then) --, returns a copy of that clone
+    (``Context.copy()`` is O(1)); otherwise it builds one and keeps it in ``cache``, the one
+    cache of the clone path.
 
     ``read``, ``fill`` and ``current`` are straight-line code generated for the selection (as
     ``dataclasses`` does for ``__init__``), for every size, with no loop version beside them:
@@ -153,13 +155,13 @@ class _Plan:
         #: The registered vars when the plan was made (``register()`` drops every plan).
         self.registered = _registered
         # (values, the source OTel context -- itself when the clone holds it anyway, else a
-        # weak reference --, source fake id, clone, its span context, whether each copy needs
-        # a new fake id) of the last span-less clone.
+        # weak reference --, source fake id or _VALID when the clone has a valid span, clone,
+        # its span context, whether each copy needs a new fake id) of the last span-less clone.
         self.cache: (
             tuple[
                 tuple[object, ...],
                 otel_context.Context | weakref.ref[otel_context.Context],
-                str | None,
+                object,  # str | None, or _VALID
                 Context,
                 trace.SpanContext,
                 bool,
@@ -187,19 +189,22 @@ class _Plan:
             f"    _A(o)\n"
             f"    if f is not None:\n"
             f"        _F.set(f)\n"
-            f"def current({defaults}_M=_M, _P=_P, _O=_O, _F=_F, _B=_B, _N=_N, _W=_W):\n"
+            f"def current({defaults}_M=_M, _P=_P, _O=_O, _F=_F, _B=_B, _N=_N, _W=_W, _V=_V):\n"
             f"{reads}"
             f"    o = _O()\n"
-            f"    f = _F.get(None)\n"
             f"    c = _P.cache\n"
             f"    if c is not None:\n"
             f"        v = c[0]\n"
             f"        k = c[1]\n"
-            f"        if (k is o or (type(k) is _W and k() is o)) and c[2] is f{hits}:\n"
-            f"            if c[5]:\n"
-            f"                return _N(c[3]), c[4]\n"
-            f"            return c[3].copy(), c[4]\n"
-            f"    return _B(_P, ({values}), o, f)\n"
+            f"        if (k is o or (type(k) is _W and k() is o)){hits}:\n"
+            f"            f = c[2]\n"
+            f"            if f is _V:\n"
+            f"                return c[3].copy(), c[4]\n"
+            f"            if f is _F.get(None):\n"
+            f"                if c[5]:\n"
+            f"                    return _N(c[3]), c[4]\n"
+            f"                return c[3].copy(), c[4]\n"
+            f"    return _B(_P, ({values}), o, _F.get(None))\n"
         )
         namespace: dict[str, Any] = dict(zip(names, selected, strict=True))
         namespace.update(
@@ -210,6 +215,7 @@ class _Plan:
             _B=_build_current,
             _N=_with_new_fake,
             _W=weakref.ReferenceType,
+            _V=_VALID,
             _A=otel_context.attach,  # the clone is private: its token is never needed
         )
         exec(source, namespace)  # the code is built from integers only, never from user text
@@ -227,6 +233,8 @@ class _Plan:
 
 
 get_current: Final = otel_context.get_current
+#: In a plan's cache instead of the fake id: the clone has a valid span and no fake id.
+_VALID: Final = object()
 fake_var: Final = fake_trace_id_var
 _MAX_PLANS: Final = 256
 #: The plan of each ``vars=`` tuple as callers pass it (the registered vars are added to it);
@@ -328,17 +336,17 @@ def _build_current(
     current = trace.get_current_span(otel_src)
     span_context = current.get_span_context()
     otel = detached_otel_context(otel_src)
+    valid = span_context.is_valid
     result = Context()
-    result.run(plan.fill, values, otel, fake)
+    result.run(plan.fill, values, otel, None if valid else fake)
     # No trace at all (no valid span, no fake id): each clone gets a fake trace id of its own,
     # so the cached clone has none and each reuse adds a new one.
-    valid = span_context.is_valid
     traceless = not valid and fake is None
     # The source's OTel context is the cache key: held as it is when the clone holds it
     # anyway, else weakly (the cache never keeps the rest of a request's context alive).
     key = otel if otel is otel_src else weakref.ref(otel_src)
     plan.valid_span_context = span_context if valid else None
-    plan.cache = (values, key, fake, result, span_context, traceless)
+    plan.cache = (values, key, _VALID if valid else fake, result, span_context, traceless)
     if traceless:
         return _with_new_fake(result), span_context
     return result.copy(), span_context
@@ -397,7 +405,9 @@ def build_clone(
         current = trace.INVALID_SPAN
     otel = detached_otel_context(otel_src, current)
     span_context = current.get_span_context()
-    if not span_context.is_valid and fake is None:
+    if span_context.is_valid:
+        fake = None  # the span's trace id is the one the clone's logs show
+    elif fake is None:
         fake = new_fake_trace_id()
     result = Context()
     result.run(plan.fill, values, otel, fake)
@@ -414,7 +424,8 @@ def clone_without_span(*vars: ContextVar[Any], context: Context | None = None) -
         and its baggage, and no other entry of the source's OpenTelemetry context. Spans started
         in it are children of the source's current span, and ``current_trace_id()`` in it is the
         source's trace id. When the source has no valid span, the clone carries the source's
-        fake trace id, or a newly generated one.
+        fake trace id, or a newly generated one; when it has one, the clone carries no fake id
+        (only the span's trace id is ever shown there).
 
         The clone is a new ``contextvars.Context``: setting a var inside it never changes the
         source, and nothing in it can cancel work run in it. Run work in it with
@@ -432,7 +443,10 @@ def clone_without_span(*vars: ContextVar[Any], context: Context | None = None) -
     Raises:
         TypeError: An element of ``vars`` is not a ContextVar, or ``context`` is not a Context.
     """
-    plan = plan_for(vars, "clone_without_span")
+    try:
+        plan = plans[vars]  # plan_for's first case, inlined (the hot path)
+    except (KeyError, TypeError):  # new, or an unhashable element: check it
+        plan = _new_plan(vars, "clone_without_span")
     if context is None:
         return plan.current()[0]
     return build_clone(plan, context)[0]
@@ -463,7 +477,8 @@ def clone(
 
         When the marker is invalid (tracing is a no-op), a ``"child"`` clone keeps the
         source's span; when no valid span ends up current, the clone carries the source's
-        fake trace id or a newly generated one, for log correlation only.
+        fake trace id or a newly generated one, for log correlation only (and no fake id
+        when a valid span does).
 
     Args:
         *vars: ContextVars to carry, besides the registered ones.

@@ -68,3 +68,12 @@ def test_the_paired_benchmark_runs_against_this_very_commit(
     out = capsys.readouterr().out
     assert "ctxkit here (limit=100)" in out
     assert "ctxkit at HEAD (limit=None)" in out
+
+
+def test_the_paired_benchmark_compares_clones(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import paired
+
+    assert paired.main(["HEAD", "--case", "clone", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "clone_without_span here, 4 vars, same source" in out
+    assert "clone_without_span at HEAD, 4 vars, new source" in out

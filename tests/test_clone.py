@@ -772,6 +772,44 @@ class TestFakeTraceId:
         assert finished(span_exporter, "work").parent is None
         assert trace_id_in(result) == fake
 
+    def test_a_clone_with_a_valid_span_carries_no_fake_id(
+        self, tracer: trace.Tracer, tracer_provider: TracerProvider
+    ) -> None:
+        """Under a valid span, a clone of a fake-id context carries the span's trace id and not
+        the fake id (which its logs would never show), also when it reuses the cached clone:
+        with that span taken away inside the clone, no trace id is left."""
+        outer = ctxkit.clone_without_span()
+        fake = trace_id_in(outer)
+
+        def inside() -> tuple[SpanContext, list[Context]]:
+            with tracer.start_as_current_span("work") as span:
+                return span.get_span_context(), [
+                    ctxkit.clone_without_span(),
+                    ctxkit.clone_without_span(),  # the cached clone, reused
+                    ctxkit.clone(tracer_provider=tracer_provider),
+                    ctxkit.clone_without_span(context=contextvars.copy_context()),
+                ]
+
+        def without_the_span() -> str | None:
+            otel_context.attach(otel_context.Context())
+            return ctxkit.current_trace_id()
+
+        span_context, clones = outer.run(inside)
+        assert [trace_id_in(c) for c in clones] == [hex_trace_id(span_context)] * 4
+        assert [c.run(without_the_span) for c in clones] == [None] * 4
+        assert trace_id_in(outer) == fake
+
+    def test_traceless_sources_with_one_otel_context_keep_their_own_fake_ids(self) -> None:
+        """Two fake-id contexts that share one OpenTelemetry context (and no valid span): the
+        cached clone of one is never handed to the other, whose fake id differs."""
+        first, second = ctxkit.clone_without_span(), ctxkit.clone_without_span()
+        assert first.run(otel_context.get_current) is second.run(otel_context.get_current)
+        expected = [trace_id_in(first), trace_id_in(second)] * 3
+        sources = [first, second] * 3
+        seen = [trace_id_in(source.run(ctxkit.clone_without_span)) for source in sources]
+        assert seen == expected
+        assert len(set(seen)) == 2
+
     def test_sdk_clone_of_a_fake_id_clone_shows_the_marker_trace_id(
         self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
     ) -> None:
