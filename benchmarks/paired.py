@@ -1,12 +1,13 @@
 """This checkout's ctxkit against another commit's, side by side in one process.
 
-``python -m benchmarks.paired REV [--case spawn|clone] [--rounds 21] [--seed 1]`` compares
+``python -m benchmarks.paired REV [--case spawn|trio|clone] [--rounds 21] [--seed 1]`` compares
 ctxkit of this checkout with that of commit ``REV`` (exported with ``git archive`` into a
 temporary directory and imported as the package ``ctxkit_rev``; ctxkit's modules import each
 other relatively), in interleaved rounds in a shuffled order:
 
 - ``spawn`` (the default): case 1's shape (a burst of 10,000 trivial tasks, 4 vars, a valid
   request span, no task span), ``ctxkit.spawn`` with both limits, plus a bare ``create_task``;
+- ``trio``: case 1's shape on trio (case 7), against native ``nursery.start_soon``;
 - ``clone``: case 3's shape, ``clone_without_span`` of 4 vars from the same source and from a
   new source per call, plus ``copy_context()`` + 1 var set.
 
@@ -24,15 +25,18 @@ import sys
 import tempfile
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 
 import ctxkit
 
-from . import case_clone
+from . import case_clone, case_trio
 from ._common import VARS, Batch, now, request_span, set_vars, tick
 from ._harness import CHUNKS, Variant, measure, measure_sync, set_seed
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 N = 10_000
 BARE = "bare create_task"
@@ -75,12 +79,46 @@ def _variants(other: Any, rev: str) -> list[Variant]:
 
         return Variant(name, run, N, ref=ref)
 
-    variants = [Variant(BARE, bare, N)]
+    return [Variant(BARE, bare, N), *_both(spawning, other, rev)]
+
+
+def _both(spawning: Callable[..., Variant], other: Any, rev: str) -> list[Variant]:
+    """ctxkit at ``rev`` and here, with both limits: the four compared variants."""
+    variants = []
     for limit in (None, 100):
         theirs = f"ctxkit at {rev} (limit={limit})"
         variants.append(spawning(theirs, other, limit, None))
         variants.append(spawning(f"ctxkit here (limit={limit})", ctxkit, limit, theirs))
     return variants
+
+
+def _trio_variants(other: Any, rev: str) -> list[Variant]:
+    import trio
+
+    async def nursery() -> int:
+        batch = Batch(N, trio.Event())
+        with trace.use_span(request_span()):
+            t0 = now()
+            async with trio.open_nursery() as tasks:
+                for _ in range(N):
+                    tasks.start_soon(tick, batch)
+            return now() - t0
+
+    def spawning(name: str, module: Any, limit: int | None, ref: str | None) -> Variant:
+        async def run() -> int:
+            batch = Batch(N, trio.Event())
+            async with module.BackgroundRunner(limit=limit):
+                with trace.use_span(request_span()):
+                    t0 = now()
+                    for _ in range(N):
+                        module.spawn(tick(batch), span=False, vars=VARS)
+                    await batch.done.wait()
+                    await trio.lowlevel.checkpoint()
+                    return now() - t0
+
+        return Variant(name, run, N, ref=ref)
+
+    return [Variant(case_trio.NURSERY, nursery, N), *_both(spawning, other, rev)]
 
 
 def _clone_variants(other: Any, rev: str) -> list[Variant]:
@@ -115,6 +153,19 @@ async def _main(other: Any, rev: str, rounds: int) -> None:
     print(result.table())
 
 
+async def _trio_main(other: Any, rev: str, rounds: int) -> None:
+    set_vars()
+    result = await measure(
+        "paired-trio",
+        f"ctxkit here vs at {rev}, case 7's shape (trio), no span, 4 vars, {N:,} tasks/batch",
+        _trio_variants(other, rev),
+        baseline=case_trio.NURSERY,
+        rounds=rounds,
+        notes=[_NOTE],
+    )
+    print(result.table())
+
+
 def _clone_main(other: Any, rev: str, rounds: int) -> None:
     result = measure_sync(
         "paired-clone",
@@ -134,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.paired")
     parser.add_argument("rev", help="the commit to compare with (anything git archive takes)")
     parser.add_argument(
-        "--case", choices=("spawn", "clone"), default="spawn", help="the shape (default spawn)"
+        "--case",
+        choices=("spawn", "trio", "clone"),
+        default="spawn",
+        help="the shape (default spawn)",
     )
     parser.add_argument("--rounds", type=int, default=21, help="measured rounds (default 21)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the round order")
@@ -145,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
             other = _import_rev(args.rev, Path(directory))
             if args.case == "spawn":
                 asyncio.run(_main(other, args.rev, args.rounds))
+            elif args.case == "trio":
+                import trio
+
+                trio.run(_trio_main, other, args.rev, args.rounds)
             else:
                 _clone_main(other, args.rev, args.rounds)
         finally:  # a later call (another REV) imports its own copy

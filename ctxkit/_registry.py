@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from ._runner import BackgroundRunner
 
-__all__ = ["LoopRunners", "loop_runners", "loop_runners_here", "process_runners"]
+__all__ = ["LoopRunners", "loop_runners", "loop_runners_here", "process_runners", "runners_of"]
 
 
 class LoopRunners:
@@ -129,8 +129,17 @@ def loop_runners() -> LoopRunners:
 
 def loop_runners_here() -> LoopRunners | None:
     """Return the runners of the event loop running in this thread, or None if none runs."""
+    return runners_of(asyncio._get_running_loop())
+
+
+def runners_of(loop: asyncio.AbstractEventLoop | None) -> LoopRunners | None:
+    """``loop_runners_here()`` for a caller that has looked up the running asyncio loop.
+
+    ``loop``: ``asyncio._get_running_loop()`` in this thread; None under trio and with no loop
+    (the trio run's runners are looked up then). Not looking the loop up twice matters on
+    Python 3.11, where each look-up is a ``getpid()`` system call.
+    """
     global last
-    loop = asyncio._get_running_loop()
     if loop is not None:
         seen = last
         if seen is not None and seen[0]() is loop:

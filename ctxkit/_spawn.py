@@ -17,7 +17,7 @@ from . import _registry
 from ._clone import selection
 from ._errors import NoRunnerError, RunnerClosedError
 from ._options import is_coroutine, validate_options
-from ._registry import LoopRunners, loop_runners, loop_runners_here, process_runners
+from ._registry import LoopRunners, loop_runners, loop_runners_here, process_runners, runners_of
 from ._runner import BackgroundRunner, open_implicit_runner, own_runner, submit
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ def spawn(
         if sole is not None:
             runner, on_its_loop = sole, True
         else:
-            runner, on_its_loop = _pick(loop_runners_here())
+            runner, on_its_loop = _pick(runners_of(loop))  # trio's runners, when loop is None
     except BaseException:
         if is_coroutine(coro_or_fn):
             coro_or_fn.close()

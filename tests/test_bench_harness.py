@@ -77,3 +77,12 @@ def test_the_paired_benchmark_compares_clones(capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert "clone_without_span here, 4 vars, same source" in out
     assert "clone_without_span at HEAD, 4 vars, new source" in out
+
+
+def test_the_paired_benchmark_runs_on_trio(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import paired
+
+    assert paired.main(["HEAD", "--case", "trio", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "trio nursery.start_soon" in out
+    assert "ctxkit here (limit=100)" in out

@@ -500,6 +500,27 @@ class TestOutcomes:
         assert span.attributes["error.type"] == "timeout"
         assert runner.statistics().timeout == 1
 
+    async def test_a_task_that_returns_after_its_deadline_timed_out(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """A task shielded past its timeout that then returns normally ends "timeout" (its
+        deadline passed), and one that returns before its deadline ends "ok"."""
+
+        async def shielded(seconds: float) -> str:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(seconds)
+            return "late"
+
+        async with make_runner() as runner:
+            late = runner.spawn(shielded, 0.2, timeout=0.05)
+            in_time = runner.spawn(shielded, 0.0, timeout=30)
+            assert await late.wait() == "timeout"
+            assert await in_time.wait() == "ok"
+        assert in_time.result() == "late"
+        with pytest.raises(ctxkit.TaskTimeoutError):
+            late.result()
+        assert runner.statistics().timeout == 1
+
     async def test_own_timeout_error_is_an_error_not_a_timeout(
         self, make_runner: MakeRunner
     ) -> None:

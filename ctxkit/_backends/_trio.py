@@ -134,7 +134,8 @@ class TrioBackend:
                 finished(task, _ERROR, _without_this_frame(exc))
                 self._crash(exc)
                 return
-            finished(task, _TIMEOUT if _expired(scope) else _OK, result)
+            # (No timeout: no deadline to have passed, and no need to ask trio the time.)
+            finished(task, _OK if timeout is None or not _expired(scope) else _TIMEOUT, result)
 
     def _crash(self, exc: BaseException) -> None:
         """End the runner's block with ``exc`` (a task's KeyboardInterrupt or SystemExit)."""
