@@ -36,7 +36,7 @@ from ._common import VARS, Batch, now, request_span, set_vars, tick
 from ._harness import CHUNKS, Variant, measure, measure_sync, set_seed
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
 N = 10_000
 BARE = "bare create_task"
@@ -65,25 +65,31 @@ def _variants(other: Any, rev: str) -> list[Variant]:
             await asyncio.sleep(0)
             return now() - t0
 
+    return [Variant(BARE, bare, N), *_both(other, rev, asyncio.Event, partial(asyncio.sleep, 0))]
+
+
+def _both(
+    other: Any, rev: str, event: Callable[[], Any], settle: Callable[[], Awaitable[None]]
+) -> list[Variant]:
+    """ctxkit at ``rev`` and here, with both limits: the four compared variants.
+
+    ``event``: the backend's event class; ``settle``: what lets the last task's end go through.
+    """
+
     def spawning(name: str, module: Any, limit: int | None, ref: str | None) -> Variant:
         async def run() -> int:
-            batch = Batch(N, asyncio.Event())
+            batch = Batch(N, event())
             async with module.BackgroundRunner(limit=limit):
                 with trace.use_span(request_span()):
                     t0 = now()
                     for _ in range(N):
                         module.spawn(tick(batch), span=False, vars=VARS)
                     await batch.done.wait()
-                    await asyncio.sleep(0)
+                    await settle()
                     return now() - t0
 
         return Variant(name, run, N, ref=ref)
 
-    return [Variant(BARE, bare, N), *_both(spawning, other, rev)]
-
-
-def _both(spawning: Callable[..., Variant], other: Any, rev: str) -> list[Variant]:
-    """ctxkit at ``rev`` and here, with both limits: the four compared variants."""
     variants = []
     for limit in (None, 100):
         theirs = f"ctxkit at {rev} (limit={limit})"
@@ -104,21 +110,8 @@ def _trio_variants(other: Any, rev: str) -> list[Variant]:
                     tasks.start_soon(tick, batch)
             return now() - t0
 
-    def spawning(name: str, module: Any, limit: int | None, ref: str | None) -> Variant:
-        async def run() -> int:
-            batch = Batch(N, trio.Event())
-            async with module.BackgroundRunner(limit=limit):
-                with trace.use_span(request_span()):
-                    t0 = now()
-                    for _ in range(N):
-                        module.spawn(tick(batch), span=False, vars=VARS)
-                    await batch.done.wait()
-                    await trio.lowlevel.checkpoint()
-                    return now() - t0
-
-        return Variant(name, run, N, ref=ref)
-
-    return [Variant(case_trio.NURSERY, nursery, N), *_both(spawning, other, rev)]
+    settle = trio.lowlevel.checkpoint
+    return [Variant(case_trio.NURSERY, nursery, N), *_both(other, rev, trio.Event, settle)]
 
 
 def _clone_variants(other: Any, rev: str) -> list[Variant]:
