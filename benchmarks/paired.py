@@ -133,29 +133,12 @@ def _clone_variants(other: Any, rev: str) -> list[Variant]:
     return variants
 
 
-async def _main(other: Any, rev: str, rounds: int) -> None:
+async def _burst(
+    case: str, title: str, variants: list[Variant], baseline: str, rounds: int
+) -> None:
+    """Measure a burst shape's variants in the running loop (asyncio or trio) and print them."""
     set_vars()
-    result = await measure(
-        "paired",
-        f"ctxkit here vs at {rev}, case 1's shape, no span, 4 vars, {N:,} tasks/batch",
-        _variants(other, rev),
-        baseline=BARE,
-        rounds=rounds,
-        notes=[_NOTE],
-    )
-    print(result.table())
-
-
-async def _trio_main(other: Any, rev: str, rounds: int) -> None:
-    set_vars()
-    result = await measure(
-        "paired-trio",
-        f"ctxkit here vs at {rev}, case 7's shape (trio), no span, 4 vars, {N:,} tasks/batch",
-        _trio_variants(other, rev),
-        baseline=case_trio.NURSERY,
-        rounds=rounds,
-        notes=[_NOTE],
-    )
+    result = await measure(case, title, variants, baseline=baseline, rounds=rounds, notes=[_NOTE])
     print(result.table())
 
 
@@ -190,12 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as directory:
         try:
             other = _import_rev(args.rev, Path(directory))
+            shape = f"no span, 4 vars, {N:,} tasks/batch"
             if args.case == "spawn":
-                asyncio.run(_main(other, args.rev, args.rounds))
+                title = f"ctxkit here vs at {args.rev}, case 1's shape, {shape}"
+                variants = _variants(other, args.rev)
+                asyncio.run(_burst("paired", title, variants, BARE, args.rounds))
             elif args.case == "trio":
                 import trio
 
-                trio.run(_trio_main, other, args.rev, args.rounds)
+                title = f"ctxkit here vs at {args.rev}, case 7's shape (trio), {shape}"
+                variants = _trio_variants(other, args.rev)
+                baseline = case_trio.NURSERY
+                trio.run(_burst, "paired-trio", title, variants, baseline, args.rounds)
             else:
                 _clone_main(other, args.rev, args.rounds)
         finally:  # a later call (another REV) imports its own copy
