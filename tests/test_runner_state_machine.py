@@ -106,19 +106,21 @@ class RunnerMachine(RuleBasedStateMachine):
         model = _Task(len(self.tasks), kind)
         runner = self.runner
 
-        async def spawn_it() -> ctxkit.BackgroundTask[Any] | None:
+        async def spawn_it() -> tuple[bool, ctxkit.BackgroundTask[Any] | None]:
+            # Whether it is full, read on the loop right before the spawn: nothing ends in
+            # between (read from this thread, a task's timeout could pass meanwhile).
+            full = self._full()
             token = _label.set(model.label)
             try:
-                return runner.spawn(
+                return full, runner.spawn(
                     model.run, timeout=0.05 if kind == "slow" else None, name=f"t{model.label}"
                 )
             except ctxkit.RunnerFullError:
-                return None
+                return full, None
             finally:
                 _label.reset(token)
 
-        full_before = self._full()
-        handle = self.portal.call(spawn_it)
+        full_before, handle = self.portal.call(spawn_it)
         if handle is None:
             assert full_before, "refused although there was room"
             return model  # in the bundle all the same, so that what is drawn stays the same
