@@ -21,6 +21,7 @@ returns, lives here too: the core is the only code that changes its state.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from collections import deque
 from time import perf_counter
@@ -867,53 +868,6 @@ class BackgroundRunner:
                 task.trace_id,
             )
 
-    def _start_next(self, now: float | None) -> None:
-        """Start queued tasks while there is room, as a loop that never re-enters itself.
-
-        ``now``: ``perf_counter()`` of the finish that made room, if it took one (the first
-        task started takes it as its start time).
-        """
-        if self._starting or (self._state != "open" and self._state != "draining"):
-            # A task ended while another was being started (the loop below goes on), or
-            # queued tasks no longer start (they are being cancelled).
-            return
-        self._starting = True
-        try:
-            pending = self._pending
-            running = self._running
-            limit = self._limit
-            backend = self._backend
-            assert backend is not None
-            # The state is not checked again: what leaves "open" and "draining" during a start
-            # (a first step run eagerly) cancels every queued task, so the count drops to 0.
-            while self._pending_count and (limit is None or len(running) < limit):
-                task = pending.popleft()
-                if task._outcome is not None:
-                    continue  # cancelled while it waited
-                self._pending_count -= 1
-                if now is None:
-                    now = perf_counter()
-                waited = now - task._started_at  # until now, the time of its spawn
-                task._started_at = now
-                if task._span is not None:
-                    task._span.add_event("ctxkit.task.started", {"ctxkit.task.wait_s": waited})
-                running[task] = True
-                self._metrics.wait.record(waited)
-                native = backend.start(
-                    task,
-                    task._coro,  # type: ignore[arg-type]  # set until the task ends
-                    task._context,  # type: ignore[arg-type]
-                    task.name,
-                    task._timeout,
-                )
-                if native is not None and task._outcome is None:  # self._hold(), inlined
-                    task._native = native
-                    if task._flags & _CANCEL_REQUESTED:  # cancelled during its start
-                        backend.cancel(native, task, task._coro)  # type: ignore[arg-type]
-                now = None  # its start may have run its first step (an eager task factory)
-        finally:
-            self._starting = False
-
     # -- the backend's two callbacks ---------------------------------------------------------
 
     def _task_started(self, task: Any, native: object) -> bool:
@@ -943,7 +897,7 @@ class BackgroundRunner:
                 assert task._coro is not None
                 self._backend.cancel(native, task, task._coro)
             return
-        # Pending: it never ran. It stays in the queue until popped (see _start_next).
+        # Pending: it never ran. It stays in the queue until popped (see _finish).
         self._pending_count -= 1
         assert task._coro is not None
         task._coro.close()
@@ -951,7 +905,7 @@ class BackgroundRunner:
         pending = self._pending
         if len(pending) > 2 * self._pending_count + 64:
             live = self._live_pending()
-            pending.clear()  # in place: a _start_next that is starting a task holds it
+            pending.clear()  # in place: a _finish that is starting queued tasks holds it
             pending.extend(live)
 
     # -- finishing ---------------------------------------------------------------------------
@@ -1008,8 +962,52 @@ class BackgroundRunner:
             and not flags & _CANCEL_REQUESTED
         ):
             self._check_teardown(task)
-        if self._pending_count:
-            self._start_next(now)
+        if (
+            ran
+            and self._pending_count
+            and not self._starting
+            and (self._state == "open" or self._state == "draining")
+        ):
+            # Its slot is free and tasks wait: start them while there is room. Tasks queue
+            # only while the runner is full, so only a running task's end makes room (the
+            # first start needs no check). This loop never re-enters itself: a task that ends
+            # during a start (its first step run eagerly) finds _starting set and starts none;
+            # the room it left is seen after that start. The state is not checked again: what
+            # leaves "open" and "draining" during a start cancels every queued task, so the
+            # count drops to 0.
+            self._starting = True
+            try:
+                pending = self._pending
+                limit = self._limit or sys.maxsize  # set: tasks queue only under a limit
+                while True:
+                    nxt = pending.popleft()  # the live count is above 0: a live one is left
+                    if nxt._outcome is not None:
+                        continue  # cancelled while it waited
+                    self._pending_count -= 1
+                    if now is None:
+                        now = perf_counter()
+                    waited = now - nxt._started_at  # until now, the time of its spawn
+                    nxt._started_at = now
+                    if nxt._span is not None:
+                        nxt._span.add_event("ctxkit.task.started", {"ctxkit.task.wait_s": waited})
+                    self._running[nxt] = True
+                    metrics.wait.record(waited)
+                    native = self._backend.start(  # type: ignore[union-attr]  # set: it ran
+                        nxt,
+                        nxt._coro,  # type: ignore[arg-type]  # set until the task ends
+                        nxt._context,  # type: ignore[arg-type]
+                        nxt.name,
+                        nxt._timeout,
+                    )
+                    if native is not None and nxt._outcome is None:  # self._hold(), inlined
+                        nxt._native = native
+                        if nxt._flags & _CANCEL_REQUESTED:  # cancelled during its start
+                            self._backend.cancel(native, nxt, nxt._coro)  # type: ignore[union-attr,arg-type]
+                    if not self._pending_count or len(self._running) >= limit:
+                        break
+                    now = None  # its start may have run its first step (an eager task factory)
+            finally:
+                self._starting = False
         task._native = None  # the loop's task object: let it (and its context) go
         if (
             outcome is not _OK

@@ -97,6 +97,11 @@ class TestEagerTaskFactory:
         assert all(handle.outcome == "ok" for handle in handles)
         assert len(depths) == 300
         assert max(depths) - min(depths) < 5  # no frame per task: the start loop is flat
+        # A loop task that ended by an exception (raised by the start loop, say) is reported
+        # to the loop's handler once it is freed.
+        del blocker, handles
+        gc.collect()
+        assert loop_errors == []
 
     @ASYNCIO_ONLY
     async def test_cancel_during_the_eager_first_step_is_kept(
@@ -263,6 +268,34 @@ class TestWrappingTaskFactory:
             loop.set_task_factory(None)
         assert runner.statistics().cancelled == 1
         assert ctxkit_messages(caplog, logging.WARNING) == []
+
+    @pytest.mark.parametrize("when", ["before the runner opens", "while it is open"])
+    async def test_the_factory_makes_every_task(self, make_runner: MakeRunner, when: str) -> None:
+        """A factory set on the loop, before or after the runner opened, makes each of its
+        tasks: started at spawn and started from the queue."""
+        loop = asyncio.get_running_loop()
+        made: list[asyncio.Task[Any]] = []
+
+        def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+            task = _wrapping_factory(loop, coro, **kwargs)
+            made.append(task)  # named after the factory returns it, on Python 3.11
+            return task
+
+        release = anyio.Event()
+        try:
+            if when == "before the runner opens":
+                loop.set_task_factory(counting)
+            async with make_runner(limit=1) as runner:
+                if when == "while it is open":
+                    loop.set_task_factory(counting)
+                runner.spawn(wait_for, release, name="first")
+                runner.spawn(noop, name="queued")
+                release.set()
+                await runner.drain(2)
+        finally:
+            loop.set_task_factory(None)
+        assert [task.get_name() for task in made] == ["first", "queued"]
+        assert runner.statistics().ok == 2
 
 
 class _OwnCreateTaskLoop(asyncio.SelectorEventLoop):
