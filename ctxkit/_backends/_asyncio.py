@@ -63,7 +63,6 @@ class AsyncioBackend:
             _BASE_CREATE_TASK is not None
             and type(loop).create_task is _BASE_CREATE_TASK
             and "create_task" not in vars(loop)
-            and hasattr(loop, "_task_factory")  # what asyncio's own create_task reads
         )
 
     def is_current(self) -> bool:
@@ -89,10 +88,8 @@ class AsyncioBackend:
             _run(self, task, coro) if timeout is None else _run_timed(self, task, coro, timeout)
         )
         loop = self._loop
-        if self._plain_create_task and loop._task_factory is None:  # type: ignore[attr-defined]
-            # What BaseEventLoop.create_task does then (the loop is running, so not closed),
-            # deciding on what it reads (``get_task_factory()`` would be one more Python call
-            # per task: ~1% of case 1, benchmarks/RESULTS.md, run O).
+        if self._plain_create_task and loop.get_task_factory() is None:
+            # What BaseEventLoop.create_task does then (the loop is running, so not closed).
             impl = asyncio.Task(wrapper, loop=loop, name=name, context=context)
             if self._watch:
                 self._report_if_never_run(impl, task, coro, wrapper)
