@@ -719,6 +719,11 @@ class BackgroundRunner:
                 not one of its tasks.
             RunnerFullError: ``limit`` tasks run and ``pending_limit`` wait already.
             RuntimeError: Called from another event loop or thread than the runner's.
+            Exception: The event loop refused to start the task (a task factory of the app
+                raised this). The task has ended then with that error, reported as any failed
+                task is (``on_error``, the log, its span), and its coroutine is closed. A task
+                that waited for a slot, or was spawned from another thread, ends the same way
+                when its start is refused, with nobody to raise to.
         """
         return submit(self, coro_or_fn, args, vars, name, propagation, span, timeout)
 
@@ -784,9 +789,24 @@ class BackgroundRunner:
         assert self._backend is not None
         assert task._coro is not None
         assert task._context is not None
-        self._hold(
-            task, self._backend.start(task, task._coro, task._context, task.name, task._timeout)
-        )
+        try:
+            native = self._backend.start(task, task._coro, task._context, task.name, task._timeout)
+        except Exception as exc:
+            self._start_failed(task, exc)
+        else:
+            self._hold(task, native)
+
+    def _start_failed(self, task: BackgroundTask[Any], exc: Exception) -> None:
+        """End a task counted as running whose start raised ``exc``: an ERROR, never run.
+
+        What raises is the event loop's own start of a task (a task factory of the app, a loop
+        that refuses tasks), not the task. The task ends with that exception as any failed
+        task does (counted, logged, ``on_error``, its span); its coroutine is closed. So the
+        runner never counts a task that will not run, and drain and shutdown never wait for it.
+        """
+        if task._coro is not None:
+            task._coro.close()
+        self._finish(task, _ERROR, exc)
 
     def _hold(self, task: BackgroundTask[Any], native: object) -> None:
         """Keep what ``start`` returned as the task's cancel handle; apply an earlier cancel.
@@ -992,17 +1012,21 @@ class BackgroundRunner:
                         nxt._span.add_event("ctxkit.task.started", {"ctxkit.task.wait_s": waited})
                     self._running[nxt] = True
                     metrics.wait.record(waited)
-                    native = self._backend.start(  # type: ignore[union-attr]  # set: it ran
-                        nxt,
-                        nxt._coro,  # type: ignore[arg-type]  # set until the task ends
-                        nxt._context,  # type: ignore[arg-type]
-                        nxt.name,
-                        nxt._timeout,
-                    )
-                    if native is not None and nxt._outcome is None:  # self._hold(), inlined
-                        nxt._native = native
-                        if nxt._flags & _CANCEL_REQUESTED:  # cancelled during its start
-                            self._backend.cancel(native, nxt, nxt._coro)  # type: ignore[union-attr,arg-type]
+                    try:
+                        native = self._backend.start(  # type: ignore[union-attr]  # set: it ran
+                            nxt,
+                            nxt._coro,  # type: ignore[arg-type]  # set until the task ends
+                            nxt._context,  # type: ignore[arg-type]
+                            nxt.name,
+                            nxt._timeout,
+                        )
+                    except Exception as exc:  # the loop refused it: it ends, the next may start
+                        self._start_failed(nxt, exc)
+                    else:
+                        if native is not None and nxt._outcome is None:  # self._hold(), inlined
+                            nxt._native = native
+                            if nxt._flags & _CANCEL_REQUESTED:  # cancelled during its start
+                                self._backend.cancel(native, nxt, nxt._coro)  # type: ignore[union-attr,arg-type]
                     if not self._pending_count or len(self._running) >= limit:
                         break
                     now = None  # its start may have run its first step (an eager task factory)
@@ -1212,7 +1236,11 @@ def submit(
     runner._metrics.wait.record(0.0)
     backend = runner._backend
     assert backend is not None
-    native = backend.start(task, coro, context, name, timeout)
+    try:
+        native = backend.start(task, coro, context, name, timeout)
+    except Exception as exc:  # the loop refused it (its task factory raised): say so twice
+        runner._start_failed(task, exc)
+        raise
     if native is not None and task._outcome is None:  # runner._hold(), inlined
         task._native = native
         if task._flags & _CANCEL_REQUESTED:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import pytest
 from opentelemetry import context as otel_context
+from opentelemetry.trace import StatusCode
 
 import ctxkit
 from ctxkit import _clone, _registry, propagation
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from ._support import MakeRunner
 
@@ -296,6 +298,120 @@ class TestWrappingTaskFactory:
             loop.set_task_factory(None)
         assert [task.get_name() for task in made] == ["first", "queued"]
         assert runner.statistics().ok == 2
+
+
+class _Refused(RuntimeError):
+    """What the refusing task factory raises."""
+
+
+def _refusing_factory(refuse: set[str], refused: list[Any] | None = None) -> Any:
+    """A task factory that refuses (raises for) the ctxkit tasks spawned with these names.
+
+    asyncio gives a factory no task name (Python 3.11 sets it afterwards), so it reads the
+    name from the ctxkit handle in the wrapper's frame. The coroutines it refused go to
+    ``refused``.
+    """
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        frame = getattr(coro, "cr_frame", None)
+        task = frame.f_locals.get("task") if frame is not None else None
+        if isinstance(task, ctxkit.BackgroundTask) and task.name in refuse:
+            if refused is not None:
+                refused.append(coro)
+            raise _Refused(f"no task for {task.name}")
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    return factory
+
+
+@ASYNCIO_ONLY
+class TestRefusedStart:
+    """The loop refuses to start a task (its task factory raises): the task ends as an error.
+
+    Before, the task stayed counted as running although it never ran: drain waited for it
+    until its timeout, shutdown reported it as ignoring its cancellation, its coroutines
+    warned "never awaited", and a refused start of a queued task escaped into the task that
+    made room for it, leaving the rest of the queue waiting.
+    """
+
+    async def test_spawn_raises_and_the_task_ends_as_an_error(
+        self,
+        make_runner: MakeRunner,
+        span_exporter: InMemorySpanExporter,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        failures: list[ctxkit.TaskFailure] = []
+        coro = noop()
+        wrappers: list[Any] = []
+        async with make_runner(on_error=failures.append) as runner:
+            loop.set_task_factory(_refusing_factory({"refused"}, wrappers))
+            try:
+                with pytest.raises(_Refused, match="no task for refused"):
+                    runner.spawn(coro, name="refused")
+                assert runner.spawn(noop, name="fine") is not None
+            finally:
+                loop.set_task_factory(None)
+            with anyio.fail_after(2):
+                await runner.drain()
+            stats = runner.statistics()
+        assert is_closed(coro)
+        (wrapper,) = wrappers
+        assert is_closed(wrapper)  # never warns "never awaited"
+        assert (stats.spawned, stats.running, stats.error, stats.ok) == (2, 0, 1, 1)
+        assert_identity(stats)
+        assert [(f.task.name, type(f.exception)) for f in failures] == [("refused", _Refused)]
+        assert failures[0].task.outcome == "error"
+        (span,) = [s for s in span_exporter.get_finished_spans() if s.name == "refused"]
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.attributes is not None
+        assert span.attributes["ctxkit.task.outcome"] == "error"
+        assert ctxkit_messages(caplog, logging.WARNING) == []  # no shutdown summary
+
+    async def test_a_queued_task_refused_at_its_start_lets_the_next_one_start(
+        self, make_runner: MakeRunner, loop_errors: list[dict[str, Any]]
+    ) -> None:
+        install_handler(loop_errors)
+        loop = asyncio.get_running_loop()
+        release = anyio.Event()
+        failures: list[ctxkit.TaskFailure] = []
+        async with make_runner(limit=1, on_error=failures.append) as runner:
+            first = runner.spawn(wait_for, release, name="first")
+            loop.set_task_factory(_refusing_factory({"refused"}))
+            try:
+                refused = runner.spawn(noop, name="refused")  # queued: no start yet
+                last = runner.spawn(noop, name="last")
+                assert runner.statistics().pending == 2
+                release.set()
+                with anyio.fail_after(2):
+                    assert await first.wait() == "ok"
+                    assert await refused.wait() == "error"
+                    assert await last.wait() == "ok"
+                    await runner.drain()
+            finally:
+                loop.set_task_factory(None)
+            stats = runner.statistics()
+        assert isinstance(refused.exception(), _Refused)
+        assert [f.task for f in failures] == [refused]
+        assert (stats.running, stats.pending, stats.ok, stats.error) == (0, 0, 2, 1)
+
+    async def test_a_task_spawned_from_a_thread_and_refused_ends_as_an_error(
+        self, make_runner: MakeRunner
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        failures: list[ctxkit.TaskFailure] = []
+        async with make_runner(on_error=failures.append) as runner:
+            loop.set_task_factory(_refusing_factory({"refused"}))
+            try:
+                handle = await anyio.to_thread.run_sync(lambda: runner.spawn(noop, name="refused"))
+                with anyio.fail_after(2):
+                    assert await handle.wait() == "error"
+            finally:
+                loop.set_task_factory(None)
+            stats = runner.statistics()
+        assert isinstance(handle.exception(), _Refused)
+        assert [f.task for f in failures] == [handle]
+        assert (stats.spawned, stats.running, stats.error) == (1, 0, 1)
 
 
 class _OwnCreateTaskLoop(asyncio.SelectorEventLoop):

@@ -94,7 +94,11 @@ class AsyncioBackend:
             if self._watch:
                 self._report_if_never_run(impl, task, coro, wrapper)
             return impl
-        impl = loop.create_task(wrapper, name=name, context=context)
+        try:
+            impl = loop.create_task(wrapper, name=name, context=context)
+        except BaseException:
+            wrapper.close()  # refused (a task factory raised): it never runs, nor warns
+            raise
         if self._watch or (not impl.done() and impl.get_coro() is not wrapper):
             # Watched from the start: the implicit runner's loop may cancel it before it runs
             # (asyncio.run's end), and a task factory that wraps the coroutine (Sentry's does)
