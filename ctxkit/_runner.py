@@ -20,6 +20,7 @@ returns, lives here too: the core is the only code that changes its state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import threading
@@ -723,7 +724,9 @@ class BackgroundRunner:
                 raised this). The task has ended then with that error, reported as any failed
                 task is (``on_error``, the log, its span), and its coroutine is closed. A task
                 that waited for a slot, or was spawned from another thread, ends the same way
-                when its start is refused, with nobody to raise to.
+                when its start is refused, with nobody to raise to. An exception of the app's
+                sampler or span processor as the task's span starts is raised as it is, and
+                leaves nothing of the task: its coroutine is closed, and it is not counted.
         """
         return submit(self, coro_or_fn, args, vars, name, propagation, span, timeout)
 
@@ -851,14 +854,31 @@ class BackgroundRunner:
             "raise limit/pending_limit, or slow the producer down"
         )
 
+    def _unreserve(self) -> None:
+        """Give back the slot ``_reserve_from_thread`` took for a task that will not arrive.
+
+        Called in the spawning thread. A drain waiting on the loop for that task is woken: it
+        looks again at what is left.
+        """
+        with self._lock:
+            self._inbound -= 1
+        assert self._backend is not None  # reserved while open
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits there
+            self._backend.run_soon_threadsafe(self._wake_waiters)
+
+    def _wake_waiters(self) -> None:
+        """Wake every drain waiting for the runner to go idle (each checks again)."""
+        waiters, self._waiters = self._waiters, []
+        for event in waiters:
+            event.set()
+
     def _hand_over(self, task: BackgroundTask[Any]) -> None:
         """Send a task spawned in another thread to the loop (its slot is reserved)."""
         assert self._backend is not None
         try:
             self._backend.run_soon_threadsafe(lambda: self._arrive(task))
         except BaseException:
-            with self._lock:
-                self._inbound -= 1
+            self._unreserve()
             assert task._coro is not None
             task._coro.close()
             if task._span is not None:
@@ -972,9 +992,7 @@ class BackgroundRunner:
                 if isinstance(waiter, anyio.Event):
                     waiter.set()
         if self._waiters and self._busy() <= 1:
-            waiters, self._waiters = self._waiters, []
-            for event in waiters:
-                event.set()
+            self._wake_waiters()
         if (
             outcome is _CANCELLED
             and self._implicit
@@ -1190,35 +1208,43 @@ def submit(
     except BaseException:
         coro.close()
         raise
-    if name is None:
-        name = coro.__qualname__ if coro is coro_or_fn else default_name(coro_or_fn, coro)
     task_span: trace.Span | None = None
-    if span:
-        task_span = start_span(
-            runner._tracer,
-            name,
-            otel_context.get_current(),
-            propagation,
-            attributes={"ctxkit.async": True, "ctxkit.task.name": name},
+    try:  # code of the app runs here too: a sampler, span processors
+        if name is None:
+            name = coro.__qualname__ if coro is coro_or_fn else default_name(coro_or_fn, coro)
+        if span:
+            task_span = start_span(
+                runner._tracer,
+                name,
+                otel_context.get_current(),
+                propagation,
+                attributes={"ctxkit.async": True, "ctxkit.task.name": name},
+            )
+            context, span_context = build_clone(plan, None, task_span, propagation)
+            if (
+                type(task_span) is trace.NonRecordingSpan
+                and span_context != task_span.get_span_context()
+            ):
+                # Dropped like the caller's span, which stands in for it in the task (see
+                # dropped_like): the task has no span of its own, as with span=False.
+                task_span = None
+        else:
+            context, span_context = plan.current()
+        trace_ref = (
+            span_context
+            if span_context is plan.valid_span_context
+            else _trace_ref(span_context, context)
         )
-        context, span_context = build_clone(plan, None, task_span, propagation)
-        if (
-            type(task_span) is trace.NonRecordingSpan
-            and span_context != task_span.get_span_context()
-        ):
-            # Dropped like the caller's span, which stands in for it in the task (see
-            # dropped_like): the task has no span of its own, as with span=False.
-            task_span = None
-    else:
-        context, span_context = plan.current()
-    trace_ref = (
-        span_context
-        if span_context is plan.valid_span_context
-        else _trace_ref(span_context, context)
-    )
-    task = BackgroundTask(
-        runner, coro, name, context, task_span, trace_ref, timeout, perf_counter()
-    )
+        task = BackgroundTask(
+            runner, coro, name, context, task_span, trace_ref, timeout, perf_counter()
+        )
+    except BaseException:  # admitted, not counted yet: nothing of it is left behind
+        coro.close()
+        if task_span is not None:
+            task_span.end()
+        if from_thread:
+            runner._unreserve()
+        raise
     if from_thread:
         runner._hand_over(task)
         return task

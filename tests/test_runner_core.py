@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import pytest
 from opentelemetry import context as otel_context
+from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import StatusCode
 
 import ctxkit
@@ -412,6 +413,78 @@ class TestRefusedStart:
         assert isinstance(handle.exception(), _Refused)
         assert [f.task for f in failures] == [handle]
         assert (stats.spawned, stats.running, stats.error) == (1, 0, 1)
+
+
+class _FailingStart(SpanProcessor):
+    """A span processor whose ``on_start`` raises for spans with this name, after ``go``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.go.set()
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if span.name == self.name:
+            self.entered.set()
+            self.go.wait(5)
+            raise RuntimeError(f"processor broke on {self.name}")
+
+
+class TestFailingSpanStart:
+    """The app's span processor (or sampler) raises when spawn starts the task's span.
+
+    spawn raises that error and leaves nothing behind: the coroutine is closed (never
+    "never awaited"), nothing is counted, and a spawn from another thread gives its reserved
+    slot back, so drain and shutdown do not wait for a task that will never come.
+    """
+
+    async def test_on_the_loop(self, tracer_provider: TracerProvider) -> None:
+        tracer_provider.add_span_processor(_FailingStart("doomed"))
+        coro = noop()
+        async with ctxkit.BackgroundRunner(tracer_provider=tracer_provider) as runner:
+            with pytest.raises(RuntimeError, match="processor broke on doomed"):
+                runner.spawn(coro, name="doomed")
+            assert await runner.spawn(noop, name="fine").wait() == "ok"
+            stats = runner.statistics()
+        assert is_closed(coro)
+        assert (stats.spawned, stats.ok, stats.error, stats.running) == (1, 1, 0, 0)
+
+    async def test_from_a_thread_while_a_drain_waits(self, tracer_provider: TracerProvider) -> None:
+        failing = _FailingStart("doomed")
+        failing.go.clear()
+        tracer_provider.add_span_processor(failing)
+        coro = noop()
+        raised: list[BaseException] = []
+
+        def spawn_in_thread() -> None:
+            try:
+                runner.spawn(coro, name="doomed")
+            except RuntimeError as exc:
+                raised.append(exc)
+
+        async with ctxkit.BackgroundRunner(
+            tracer_provider=tracer_provider, drain_timeout=10
+        ) as runner:
+            thread = threading.Thread(target=spawn_in_thread)
+            thread.start()
+            try:
+                assert await anyio.to_thread.run_sync(failing.entered.wait, 5)
+                # The slot is reserved: the drain waits for the task on its way, and ends
+                # once the failed spawn gives the slot back.
+                with anyio.fail_after(2):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(runner.drain)
+                        await anyio.sleep(0.05)
+                        assert runner.statistics().running == 0
+                        failing.go.set()
+            finally:
+                failing.go.set()
+                await anyio.to_thread.run_sync(thread.join, 5)
+            stats = runner.statistics()
+        assert [str(exc) for exc in raised] == ["processor broke on doomed"]
+        assert is_closed(coro)
+        assert (stats.spawned, stats.running, stats.pending) == (0, 0, 0)
 
 
 class _OwnCreateTaskLoop(asyncio.SelectorEventLoop):
