@@ -1060,10 +1060,22 @@ class BackgroundRunner:
             self._report(task, outcome, value)  # current_task() is still the task here
 
     def _report(self, task: BackgroundTask[Any], outcome: TaskOutcome, value: object) -> None:
-        """Tell the world how ``task`` ended: its span, a log line, ``on_error``."""
+        """Tell the world how ``task`` ended: its span, a log line, ``on_error``.
+
+        Each report is made even when an earlier one raised (a span processor's ``on_end``, a
+        done-callback, ``on_error``): that is logged, and never escapes into the task, where
+        it would end a trio run (a system task must not raise) or go unseen on asyncio.
+        """
         exception = value if outcome is _ERROR else None
         if task._span is not None:
-            _end_span(task, task._span, outcome, exception)  # type: ignore[arg-type]
+            try:
+                _end_span(task, task._span, outcome, exception)  # type: ignore[arg-type]
+            except Exception:  # a span processor of the app: the rest is reported all the same
+                logger.exception(
+                    "ending the span of background task %r raised [trace_id=%s]",
+                    task.name,
+                    task.trace_id,
+                )
         if task._on_done is not None:
             waiters, task._on_done = task._on_done, None
             for waiter in waiters:

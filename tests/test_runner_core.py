@@ -487,6 +487,49 @@ class TestFailingSpanStart:
         assert (stats.spawned, stats.running, stats.pending) == (0, 0, 0)
 
 
+class _FailingEnd(SpanProcessor):
+    """A span processor whose ``on_end`` raises (an exporter bug of the app)."""
+
+    def on_end(self, span: Any) -> None:
+        raise RuntimeError(f"processor broke on {span.name}")
+
+
+class TestFailingSpanEnd:
+    """The app's span processor raises as a task's span ends.
+
+    Before, that escaped into the task's wrapper: on trio it ended the whole run with
+    ``TrioInternalError`` (a system task must not raise); on asyncio the task's own error
+    never reached ``on_error`` or the log, only "Task exception was never retrieved".
+    """
+
+    async def test_every_other_report_is_made(
+        self, tracer_provider: TracerProvider, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        tracer_provider.add_span_processor(_FailingEnd())
+        failures: list[ctxkit.TaskFailure] = []
+        called: list[str] = []
+
+        async def fails() -> None:
+            raise ValueError("the task's own error")
+
+        async with ctxkit.BackgroundRunner(
+            tracer_provider=tracer_provider, on_error=failures.append
+        ) as runner:
+            failed = runner.spawn(fails, name="fails")
+            failed.add_done_callback(lambda task: called.append(task.name))
+            fine = runner.spawn(noop, name="fine")
+            assert await failed.wait() == "error"
+            assert await fine.wait() == "ok"
+            await anyio.sleep(0.01)  # done-callbacks of ended tasks run soon
+        assert [type(f.exception) for f in failures] == [ValueError]
+        assert called == ["fails"]
+        errors = ctxkit_messages(caplog, logging.ERROR)
+        assert any(m.startswith("background task 'fails' failed: ValueError") for m in errors)
+        assert sum(m.startswith("ending the span of background task") for m in errors) == 2
+        stats = runner.statistics()
+        assert (stats.ok, stats.error) == (1, 1)
+
+
 class _OwnCreateTaskLoop(asyncio.SelectorEventLoop):
     """A loop class with a create_task of its own (as uvloop's is): it names what it made."""
 
