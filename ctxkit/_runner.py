@@ -769,9 +769,13 @@ class BackgroundRunner:
         if pending_limit is None or self._pending_count < pending_limit:
             return
         self._rejected += 1
+        raise self._full()
+
+    def _full(self) -> RunnerFullError:
+        """Count a rejected spawn in the metrics; return the error that says why."""
         self._metrics.rejected.add(1)
-        raise RunnerFullError(
-            f"{self!r} is full: {limit} tasks running and {pending_limit} pending; "
+        return RunnerFullError(
+            f"{self!r} is full: {self._limit} tasks running and {self._pending_limit} pending; "
             "raise limit/pending_limit, or slow the producer down"
         )
 
@@ -848,11 +852,7 @@ class BackgroundRunner:
                 self._rejected += 1
         if self._state != "open":
             self._check_accepting()  # raises RunnerClosedError
-        self._metrics.rejected.add(1)
-        raise RunnerFullError(
-            f"{self!r} is full: {self._limit} tasks running and {self._pending_limit} pending; "
-            "raise limit/pending_limit, or slow the producer down"
-        )
+        raise self._full()
 
     def _unreserve(self) -> None:
         """Give back the slot ``_reserve_from_thread`` took for a task that will not arrive.
