@@ -55,6 +55,10 @@ from ._options import (
     validate_options,
 )
 from ._registry import loop_runners, process_runners
+from ._task import CANCELLED as _CANCELLED
+from ._task import ERROR as _ERROR
+from ._task import OK as _OK
+from ._task import TIMEOUT as _TIMEOUT
 from ._task import RunnerStatistics, TaskFailure, TaskInfo, TaskOutcome
 from ._trace import fake_trace_id_var, get_tracer, start_span
 
@@ -82,10 +86,6 @@ T = TypeVar("T")
 _State = Literal["new", "open", "draining", "cancelling", "closed"]
 _SUMMARY_NAMES: Final = 10
 
-_OK: Final = TaskOutcome.OK
-_ERROR: Final = TaskOutcome.ERROR
-_TIMEOUT: Final = TaskOutcome.TIMEOUT
-_CANCELLED: Final = TaskOutcome.CANCELLED
 #: By ``id()``: ``TaskOutcome`` members hash in Python code (``Enum.__hash__``), ids in C.
 _OUTCOME_VALUES: Final = {id(outcome): outcome.value for outcome in TaskOutcome}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 if TYPE_CHECKING:
     from ._runner import BackgroundTask
@@ -26,6 +26,14 @@ class TaskOutcome(enum.StrEnum):
     """Its ``timeout`` passed while it ran, and it was cancelled."""
     CANCELLED = "cancelled"
     """It was cancelled: by ``BackgroundTask.cancel()``, at shutdown, or from outside."""
+
+
+# The members as module globals, for the runner's and the backends' hot paths (a global read,
+# where ``TaskOutcome.OK`` is also an attribute look-up on an enum class).
+OK: Final = TaskOutcome.OK
+ERROR: Final = TaskOutcome.ERROR
+TIMEOUT: Final = TaskOutcome.TIMEOUT
+CANCELLED: Final = TaskOutcome.CANCELLED
 
 
 @dataclass(frozen=True, slots=True)

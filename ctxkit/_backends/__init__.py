@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 _F = TypeVar("_F", bound="Callable[..., Any]")
 
-__all__ = ["Backend", "current_handle", "open_backend", "wrapper"]
+__all__ = ["Backend", "current_handle", "open_backend", "without_wrapper_frame", "wrapper"]
 
 
 class Backend(Protocol):
@@ -163,6 +163,18 @@ def wrapper(fn: _F) -> _F:
     assert "task" in code.co_varnames
     _wrappers.add(code)
     return fn
+
+
+def without_wrapper_frame(exc: BaseException) -> BaseException:
+    """Drop a backend wrapper's own frame from the top of ``exc``'s traceback; return ``exc``.
+
+    The handle keeps the exception; through that frame it would reach the handle again (a
+    cycle that only the cyclic GC frees, keeping the task's values alive until then).
+    """
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code in _wrappers:
+        exc.__traceback__ = tb.tb_next
+    return exc
 
 
 def current_handle() -> object | None:

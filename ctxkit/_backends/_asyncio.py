@@ -19,20 +19,20 @@ from asyncio import current_task
 from types import FunctionType
 from typing import TYPE_CHECKING, Final
 
-from .._task import TaskOutcome
-from . import wrapper
+from .._task import CANCELLED as _CANCELLED
+from .._task import ERROR as _ERROR
+from .._task import OK as _OK
+from .._task import TIMEOUT as _TIMEOUT
+from . import without_wrapper_frame, wrapper
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
     from contextvars import Context
     from types import TracebackType
 
-__all__ = ["AsyncioBackend"]
+    from .._task import TaskOutcome
 
-_OK: Final = TaskOutcome.OK
-_ERROR: Final = TaskOutcome.ERROR
-_TIMEOUT: Final = TaskOutcome.TIMEOUT
-_CANCELLED: Final = TaskOutcome.CANCELLED
+__all__ = ["AsyncioBackend"]
 
 
 class AsyncioBackend:
@@ -202,7 +202,7 @@ async def _run(
         backend._finished(task, _CANCELLED, None)
         raise
     except Exception as exc:
-        backend._finished(task, _ERROR, _without_this_frame(exc))
+        backend._finished(task, _ERROR, without_wrapper_frame(exc))
     except BaseException as exc:
         _fatal(backend, task, exc)
         raise
@@ -226,7 +226,7 @@ async def _run_timed(
         if deadline.expired() and isinstance(exc, TimeoutError):
             backend._finished(task, _TIMEOUT, None)
         else:
-            backend._finished(task, _ERROR, _without_this_frame(exc))
+            backend._finished(task, _ERROR, without_wrapper_frame(exc))
     except BaseException as exc:
         _fatal(backend, task, exc)
         raise
@@ -244,22 +244,10 @@ def _fatal(backend: AsyncioBackend, task: object, exc: BaseException) -> None:
 
     The done-callback retrieves it, so asyncio does not log it again as never retrieved.
     """
-    backend._finished(task, _ERROR, _without_this_frame(exc))
+    backend._finished(task, _ERROR, without_wrapper_frame(exc))
     impl = current_task()
     if impl is not None:
         impl.add_done_callback(_retrieve)
-
-
-def _without_this_frame(exc: BaseException) -> BaseException:
-    """Drop the wrapper's own frame from ``exc``'s traceback.
-
-    The handle keeps the exception; through that frame it would reach the handle again (a
-    cycle that only the cyclic GC frees, keeping the task's values alive until then).
-    """
-    tb = exc.__traceback__
-    if tb is not None and tb.tb_frame.f_code in _WRAPPERS:
-        exc.__traceback__ = tb.tb_next
-    return exc
 
 
 _WRAPPERS: Final = frozenset({_run.__code__, _run_timed.__code__})

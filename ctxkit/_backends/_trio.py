@@ -17,20 +17,20 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from .._task import TaskOutcome
-from . import wrapper
+from .._task import CANCELLED as _CANCELLED
+from .._task import ERROR as _ERROR
+from .._task import OK as _OK
+from .._task import TIMEOUT as _TIMEOUT
+from . import without_wrapper_frame, wrapper
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
     from contextvars import Context
     from types import TracebackType
 
-__all__ = ["TrioBackend"]
+    from .._task import TaskOutcome
 
-_OK: Final = TaskOutcome.OK
-_ERROR: Final = TaskOutcome.ERROR
-_TIMEOUT: Final = TaskOutcome.TIMEOUT
-_CANCELLED: Final = TaskOutcome.CANCELLED
+__all__ = ["TrioBackend"]
 
 
 class TrioBackend:
@@ -128,10 +128,10 @@ class TrioBackend:
                 finished(task, _TIMEOUT if _expired(scope) else _CANCELLED, None)
                 raise
             except Exception as exc:
-                finished(task, _ERROR, _without_this_frame(exc))
+                finished(task, _ERROR, without_wrapper_frame(exc))
                 return
             except BaseException as exc:
-                finished(task, _ERROR, _without_this_frame(exc))
+                finished(task, _ERROR, without_wrapper_frame(exc))
                 self._crash(exc)
                 return
             # (No timeout: no deadline to have passed, and no need to ask trio the time.)
@@ -156,11 +156,3 @@ def _current_token() -> object:
 
 def _expired(scope: trio.CancelScope) -> bool:
     return scope.cancel_called and trio.current_time() >= scope.deadline
-
-
-def _without_this_frame(exc: BaseException) -> BaseException:
-    """Drop the wrapper's own frame from ``exc``'s traceback (see the asyncio backend)."""
-    tb = exc.__traceback__
-    if tb is not None and tb.tb_frame.f_code is TrioBackend._run.__code__:
-        exc.__traceback__ = tb.tb_next
-    return exc
