@@ -9,10 +9,22 @@ from opentelemetry import trace
 
 from ._trace import fake_trace_id_var, inherited_trace_id_var
 
-__all__ = ["TraceIdFilter", "logger"]
+__all__ = ["TraceIdFilter", "exception_text", "logger"]
 
 #: The logger every ctxkit report goes to (task failures, shutdown summaries, bad carriers).
 logger: Final = logging.getLogger("ctxkit")
+
+
+def exception_text(exc: BaseException) -> str:
+    """Return ``str(exc)``, or a stand-in when the exception's own ``__str__`` raises.
+
+    The text goes into log lines and span statuses that must be made whatever the task raised:
+    logging would drop a record whose argument cannot be formatted.
+    """
+    try:
+        return str(exc)
+    except Exception:
+        return f"<str() of the {type(exc).__qualname__} raised>"
 
 
 class TraceIdFilter(logging.Filter):

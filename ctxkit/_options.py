@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 
 from ._clone import check_propagation
-from ._logging import logger
+from ._logging import exception_text, logger
 from ._trace import current_trace_id
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ class _ThreadCall:
                     "(cancelled or timed out): %s: %s [trace_id=%s]",
                     _name_of(self.fn),
                     type(exc).__qualname__,
-                    exc,
+                    exception_text(exc),
                     current_trace_id(),
                     exc_info=exc,
                 )

@@ -44,7 +44,7 @@ from ._errors import (
     TaskNotDoneError,
     TaskTimeoutError,
 )
-from ._logging import logger
+from ._logging import exception_text, logger
 from ._metrics import instruments_for
 from ._options import (
     check_hook,
@@ -1102,7 +1102,7 @@ class BackgroundRunner:
             "background task %r failed: %s: %s [trace_id=%s]",
             task.name,
             type(exception).__qualname__,
-            exception,
+            exception_text(exception),
             task.trace_id,
             exc_info=exception,
         )
@@ -1308,15 +1308,18 @@ def _end_span(
     outcome: TaskOutcome,
     exception: BaseException | None,
 ) -> None:
-    span.set_attribute("ctxkit.task.outcome", _OUTCOME_VALUES[id(outcome)])
-    if exception is not None:
-        span.set_status(Status(StatusCode.ERROR, f"{type(exception).__name__}: {exception}"))
-        span.record_exception(exception)
-        span.set_attribute("error.type", type(exception).__qualname__)
-    elif outcome is _TIMEOUT:
-        span.set_status(Status(StatusCode.ERROR, f"timed out after {task._timeout}s"))
-        span.set_attribute("error.type", "timeout")
-    span.end()
+    try:
+        span.set_attribute("ctxkit.task.outcome", _OUTCOME_VALUES[id(outcome)])
+        if exception is not None:
+            text = exception_text(exception)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exception).__name__}: {text}"))
+            span.set_attribute("error.type", type(exception).__qualname__)
+            span.record_exception(exception)
+        elif outcome is _TIMEOUT:
+            span.set_status(Status(StatusCode.ERROR, f"timed out after {task._timeout}s"))
+            span.set_attribute("error.type", "timeout")
+    finally:
+        span.end()  # whatever failed above: a span never ended is never exported
 
 
 def _names(names: Iterable[BackgroundTask[Any] | str]) -> str:

@@ -530,6 +530,42 @@ class TestFailingSpanEnd:
         assert (stats.ok, stats.error) == (1, 1)
 
 
+class _Unprintable(Exception):
+    """An exception of the app whose ``__str__`` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+async def test_an_exception_that_cannot_be_printed_is_still_reported(
+    tracer_provider: TracerProvider,
+    span_exporter: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its span ends with status ERROR and is exported, the log line is made, on_error runs.
+
+    Before, formatting it for the span's status raised: the span was never ended (so never
+    exported), the log line was dropped by logging, and on trio the run ended.
+    """
+    failures: list[ctxkit.TaskFailure] = []
+
+    async def fails() -> None:
+        raise _Unprintable
+
+    async with ctxkit.BackgroundRunner(
+        tracer_provider=tracer_provider, on_error=failures.append
+    ) as runner:
+        assert await runner.spawn(fails, name="fails").wait() == "error"
+    assert [type(f.exception) for f in failures] == [_Unprintable]
+    (span,) = [s for s in span_exporter.get_finished_spans() if s.name == "fails"]
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == "_Unprintable: <str() of the _Unprintable raised>"
+    assert any(
+        m.startswith("background task 'fails' failed: _Unprintable: <str() of the")
+        for m in ctxkit_messages(caplog, logging.ERROR)
+    )
+
+
 class _OwnCreateTaskLoop(asyncio.SelectorEventLoop):
     """A loop class with a create_task of its own (as uvloop's is): it names what it made."""
 
