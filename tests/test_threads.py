@@ -123,6 +123,38 @@ class TestSpawnFromAThread:
         assert_identity(stats)
         assert stats.spawned == 1
 
+    async def test_a_spawn_from_a_thread_into_a_full_runner_waits_for_a_slot(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """With every slot taken, the task arrives, waits in the queue in FIFO order, and
+        starts when a slot frees, as a spawn on the loop would."""
+        release = anyio.Event()
+        order: list[str] = []
+
+        async def blocker() -> None:
+            await release.wait()
+            order.append("blocker")
+
+        async def queued(label: str) -> None:
+            order.append(label)
+
+        async with make_runner(limit=1) as runner:
+            runner.spawn(blocker)
+            handles = await anyio.to_thread.run_sync(
+                lambda: [runner.spawn(queued, label) for label in ("first", "second")]
+            )
+            # Both arrived before the thread's return did (the loop runs calls from a thread
+            # in their order), and they wait.
+            assert runner.statistics().pending == 2
+            assert [handle.done() for handle in handles] == [False, False]
+            release.set()
+            with anyio.fail_after(2):
+                assert [await handle.wait() for handle in handles] == ["ok", "ok"]
+            stats = runner.statistics()
+        assert order == ["blocker", "first", "second"]
+        assert_identity(stats)
+        assert (stats.spawned, stats.ok, stats.pending) == (3, 3, 0)
+
     def test_no_runner_anywhere_raises_no_runner_error(self) -> None:
         """A thread with no loop and no open runner in the process gets a helpful error."""
         coro = noop()
