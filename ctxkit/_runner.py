@@ -265,14 +265,22 @@ class BackgroundTask(Generic[T]):
     def add_done_callback(self, fn: Callable[[BackgroundTask[T]], object]) -> None:
         """Call ``fn(task)`` once the task has ended (soon, on the runner's loop, if it has).
 
-        The callback runs after the runner's bookkeeping, with the task's reports; an
-        exception it raises is logged on the ``ctxkit`` logger, never propagated.
+        The callback runs after the runner's bookkeeping, with the task's reports, on the
+        runner's loop; an exception it raises is logged on the ``ctxkit`` logger, never
+        propagated. Callable from any thread: from another one, the callback is added on the
+        loop, so a task that ends meanwhile still calls it.
 
         Raises:
             TypeError: ``fn`` is not callable.
         """
         if not callable(fn):
             raise TypeError(f"add_done_callback() takes a callable, got {fn!r}")
+        if not self._runner._on_its_loop():
+            self._runner._call_soon(lambda: self._add_done_callback(fn))
+            return
+        self._add_done_callback(fn)
+
+    def _add_done_callback(self, fn: Callable[[BackgroundTask[T]], object]) -> None:
         if self._outcome is None:
             if self._on_done is None:
                 self._on_done = []
@@ -300,13 +308,25 @@ class BackgroundTask(Generic[T]):
         blocks have run (a task that returns anyway still ends ``"cancelled"``). Cancelling
         a task that has ended does nothing.
 
+        Callable from any thread: from another thread than the runner's loop the cancel is
+        handed to that loop (neither asyncio's nor trio's cancel may be called from elsewhere)
+        and takes effect there, soon after this returns.
+
         Returns:
-            True if the task had not ended yet.
+            True if the task had not ended yet (from another thread: when it was called).
         """
         if self._outcome is not None:
             return False
-        self._runner._cancel(self)
+        runner = self._runner
+        if runner._on_its_loop():
+            runner._cancel(self)
+        else:
+            runner._call_soon(self._cancel_on_loop)
         return True
+
+    def _cancel_on_loop(self) -> None:
+        if self._outcome is None:  # it may have ended before the call reached the loop
+            self._runner._cancel(self)
 
     async def wait(self) -> TaskOutcome:
         """Wait until the task has ended and return its outcome; never raises its exception.

@@ -155,6 +155,59 @@ class TestSpawnFromAThread:
         assert_identity(stats)
         assert (stats.spawned, stats.ok, stats.pending) == (3, 3, 0)
 
+    async def test_a_handle_is_cancelled_from_another_thread_on_its_loop(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """cancel() from a thread hands the cancel to the runner's loop, which wakes for it.
+
+        asyncio's and trio's cancel calls are not thread-safe: made in the thread, the
+        cancel waited for something else to wake the loop (here nothing does until the
+        thread returns), and asyncio's debug mode raises for it.
+        """
+        never = anyio.Event()
+
+        def cancel_and_watch(handles: list[ctxkit.BackgroundTask[None]]) -> list[bool]:
+            assert [handle.cancel() for handle in handles] == [True, True]
+            deadline = time.monotonic() + 2
+            while not all(handle.done() for handle in handles) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            return [handle.done() for handle in handles]
+
+        async with make_runner(limit=1) as runner:
+            running = runner.spawn(never.wait, name="running")
+            pending = runner.spawn(never.wait, name="pending")
+            await anyio.sleep(0.01)  # "running" has started and waits; the loop then idles
+            assert await anyio.to_thread.run_sync(cancel_and_watch, [running, pending]) == [
+                True,
+                True,
+            ]
+            assert [running.outcome, pending.outcome] == ["cancelled", "cancelled"]
+            stats = runner.statistics()
+        assert (stats.cancelled, stats.running, stats.pending) == (2, 0, 0)
+
+    async def test_done_callbacks_added_from_another_thread_are_never_lost(
+        self, make_runner: MakeRunner
+    ) -> None:
+        """A callback added from a thread runs once, whether the task ends before or after."""
+        release = anyio.Event()
+        called: list[tuple[str, bool]] = []
+
+        def note(task: ctxkit.BackgroundTask[None]) -> None:
+            called.append((task.name, threading.current_thread() is loop_thread))
+
+        loop_thread = threading.current_thread()
+        async with make_runner() as runner:
+            ended = runner.spawn(noop, name="ended")
+            assert await ended.wait() == "ok"
+            later = runner.spawn(release.wait, name="later")
+            await anyio.to_thread.run_sync(
+                lambda: [ended.add_done_callback(note), later.add_done_callback(note)]
+            )
+            release.set()
+            await runner.drain(2)
+            await anyio.sleep(0.01)  # the callback of a task that had ended runs soon
+        assert sorted(called) == [("ended", True), ("later", True)]
+
     def test_no_runner_anywhere_raises_no_runner_error(self) -> None:
         """A thread with no loop and no open runner in the process gets a helpful error."""
         coro = noop()
