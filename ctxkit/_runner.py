@@ -519,7 +519,8 @@ class BackgroundRunner:
             running = list(self._running)
             pending = self._live_pending()
             for task in (*pending, *running):
-                task.cancel()
+                if task._outcome is None:  # task.cancel(), on the loop
+                    self._cancel(task)
             if running:
                 timeout = math.inf if self._cancel_timeout is None else self._cancel_timeout
                 with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
@@ -1146,7 +1147,8 @@ class BackgroundRunner:
         self._torn_down = [first.name, *(task.name for task in (*self._running, *waiting))]
         self._state = "closed"
         for task in waiting:
-            task.cancel()
+            if task._outcome is None:  # task.cancel(), on the loop
+                self._cancel(task)
 
     def _report_outside_cancel(self, task: BackgroundTask[Any]) -> None:
         """Log a task cancelled by something else than its runner (once per loop teardown)."""
