@@ -572,8 +572,15 @@ class BackgroundRunner:
 
         Raises:
             TimeoutError: ``timeout`` passed with tasks still running or pending (they go on).
+            RuntimeError: Awaited from another event loop or thread than the open runner's
+                (its wake-ups are made on its own loop).
         """
         timeout = check_seconds("timeout", timeout)
+        if self._backend is not None and not self._backend.is_current():
+            raise RuntimeError(
+                f"{self!r} belongs to another event loop or thread; await drain() on its "
+                "loop, or poll statistics() (a RunnerThread: call its stop())"
+            )
         me = current_task()
         with anyio.fail_after(timeout):
             await self._wait_idle(me if me is not None and me._runner is self else None)

@@ -200,9 +200,12 @@ class TestSpawnFromAThread:
             ended = runner.spawn(noop, name="ended")
             assert await ended.wait() == "ok"
             later = runner.spawn(release.wait, name="later")
-            await anyio.to_thread.run_sync(
-                lambda: [ended.add_done_callback(note), later.add_done_callback(note)]
-            )
+
+            def add_both() -> None:
+                ended.add_done_callback(note)
+                later.add_done_callback(note)
+
+            await anyio.to_thread.run_sync(add_both)
             release.set()
             await runner.drain(2)
             await anyio.sleep(0.01)  # the callback of a task that had ended runs soon
@@ -508,6 +511,14 @@ class TestRunnerThread:
         assert (stats.spawned, stats.ok) == (6, 6)
         assert runner.closed
         assert any("every task finished" in r.getMessage() for r in caplog.records)
+
+    async def test_its_runner_cannot_be_drained_from_another_loop(self) -> None:
+        """drain() awaited on another loop would wait for wake-ups that never reach it."""
+        with (
+            ctxkit.RunnerThread() as runner,
+            pytest.raises(RuntimeError, match="another event loop or thread"),
+        ):
+            await runner.drain()
 
     def test_start_and_stop(self) -> None:
         """start() returns the open runner; stop() drains it and joins the thread."""
