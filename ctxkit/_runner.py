@@ -325,7 +325,8 @@ class BackgroundTask(Generic[T]):
         return True
 
     def _cancel_on_loop(self) -> None:
-        if self._outcome is None:  # it may have ended before the call reached the loop
+        """``cancel()`` on the runner's loop (the task may have ended since it was asked)."""
+        if self._outcome is None:
             self._runner._cancel(self)
 
     async def wait(self) -> TaskOutcome:
@@ -519,8 +520,7 @@ class BackgroundRunner:
             running = list(self._running)
             pending = self._live_pending()
             for task in (*pending, *running):
-                if task._outcome is None:  # task.cancel(), on the loop
-                    self._cancel(task)
+                task._cancel_on_loop()  # cancel() without its thread check: this is the loop
             if running:
                 timeout = math.inf if self._cancel_timeout is None else self._cancel_timeout
                 with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
@@ -1154,8 +1154,7 @@ class BackgroundRunner:
         self._torn_down = [first.name, *(task.name for task in (*self._running, *waiting))]
         self._state = "closed"
         for task in waiting:
-            if task._outcome is None:  # task.cancel(), on the loop
-                self._cancel(task)
+            task._cancel_on_loop()
 
     def _report_outside_cancel(self, task: BackgroundTask[Any]) -> None:
         """Log a task cancelled by something else than its runner (once per loop teardown)."""
