@@ -40,3 +40,8 @@ async def noop() -> None:
 
 async def wait_for(event: anyio.Event) -> None:
     await event.wait()
+
+
+def ctxkit_messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    """Return the messages the ``ctxkit`` logger recorded at ``level``."""
+    return [r.getMessage() for r in caplog.records if r.name == "ctxkit" and r.levelno == level]

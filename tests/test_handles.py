@@ -1,4 +1,4 @@
-"""Handles that behave like tasks, and insight into running work (issue 14, rules 1 and 2)."""
+"""Handles that behave like tasks, and insight into running work."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Background work from sync code and threads: spawn from any thread, plain functions, bind,
-ContextExecutor and RunnerThread (issue 11)."""
+ContextExecutor and RunnerThread."""
 
 from __future__ import annotations
 
