@@ -20,9 +20,10 @@ from ._errors import TaskNotDoneError as TaskNotDoneError
 from ._errors import TaskTimeoutError as TaskTimeoutError
 from ._executor import ContextExecutor as ContextExecutor
 from ._executor import bind as bind
+from ._handle import BackgroundTask as BackgroundTask
+from ._handle import TaskFailure as TaskFailure
 from ._logging import TraceIdFilter as TraceIdFilter
 from ._runner import BackgroundRunner as BackgroundRunner
-from ._runner import BackgroundTask as BackgroundTask
 from ._runner import current_task as current_task
 from ._runner_thread import RunnerThread as RunnerThread
 from ._spawn import current_runner as current_runner
@@ -30,7 +31,6 @@ from ._spawn import drain as drain
 from ._spawn import fire_and_forget as fire_and_forget
 from ._spawn import spawn as spawn
 from ._task import RunnerStatistics as RunnerStatistics
-from ._task import TaskFailure as TaskFailure
 from ._task import TaskInfo as TaskInfo
 from ._task import TaskOutcome as TaskOutcome
 from ._trace import current_trace_id as current_trace_id

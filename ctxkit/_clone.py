@@ -238,17 +238,21 @@ _VALID: Final = object()
 fake_var: Final = fake_trace_id_var
 _MAX_PLANS: Final = 256
 #: The plan of each ``vars=`` tuple as callers pass it (the registered vars are added to it);
-#: emptied whenever the registered vars change. ``plan_for`` fills it; the runner's hot path
-#: reads it directly (``plan_for``'s first case, inlined).
+#: emptied whenever the registered vars change. ``plan_for`` fills and reads it.
 plans: dict[tuple[ContextVar[Any], ...], _Plan] = {}
 
 
 def plan_for(vars: Iterable[ContextVar[Any]], caller: str) -> _Plan:
-    """Return the plan of ``selection(vars)`` (``vars``: spawn's ``vars=`` option, any iterable)."""
+    """Return the plan of ``selection(vars)`` (``vars``: spawn's ``vars=`` option, any iterable).
+
+    Every shape takes the same path: a list (or any iterable) is looked up as the tuple of its
+    items, so it finds the plan its tuple made (one cache, keyed by tuples).
+    """
+    key = vars if type(vars) is tuple else as_var_tuple(vars, caller)
     try:
-        return plans[vars]  # type: ignore[index]
-    except (KeyError, TypeError):  # new, or not a hashable tuple: check it
-        return _new_plan(vars, caller)
+        return plans[key]
+    except (KeyError, TypeError):  # new, or holding something unhashable: check it
+        return _new_plan(key, caller)
 
 
 def _new_plan(vars: Iterable[ContextVar[Any]], caller: str) -> _Plan:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from opentelemetry.sdk.trace import ReadableSpan
 
-    from ._runner import BackgroundTask
+    from ._handle import BackgroundTask
     from .contrib.asgi import Receive, Scope, Send
 
 __all__ = ["run_demo"]

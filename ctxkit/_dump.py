@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Final
 from ._logging import logger
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
     from types import FrameType
 
-    from ._registry import ProcessRunners
+    from ._task import RunnerView
 
 __all__ = ["install_from_environment"]
 
@@ -28,8 +29,11 @@ ENVIRONMENT: Final = "CTXKIT_TASKS_SIGNAL"
 _installed: set[int] = set()
 
 
-def install_from_environment(runners: ProcessRunners) -> None:
-    """Install the dump handler if the environment asks for it (once, from the main thread)."""
+def install_from_environment(runners: Callable[[], Iterable[RunnerView]]) -> None:
+    """Install the dump handler if the environment asks for it (once, from the main thread).
+
+    ``runners`` returns the open runners of the process when the signal comes.
+    """
     name = os.environ.get(ENVIRONMENT)
     if not name or threading.current_thread() is not threading.main_thread():
         return
@@ -47,9 +51,9 @@ def install_from_environment(runners: ProcessRunners) -> None:
     signal.signal(number, dump)
 
 
-def log_tasks(runners: ProcessRunners) -> None:
-    """Log the tasks of every open runner of the process, one message per runner."""
-    for runner in runners.snapshot():
+def log_tasks(runners: Callable[[], Iterable[RunnerView]]) -> None:
+    """Log the tasks of every runner ``runners()`` returns, one message per runner."""
+    for runner in runners():
         infos = runner.tasks()
         lines = [
             f"  {info.name} {info.state} age={info.age:.1f}s"

@@ -5,6 +5,14 @@ loop's implicit runner, made on first use when no runner was ever opened there);
 ``trio.lowlevel.RunVar``, which lives exactly as long as the run. Every entered
 runner is also in one process-wide list, in opening order, for code that runs in a thread with
 no event loop (a sync endpoint, a WSGI app, an executor's worker).
+
+The registry knows a runner only as a ``RunnerView`` (it asks whether one takes work): its
+classes are generic in the runner type, and the runner's module makes the one instance of each.
+
+Thread rules: a ``LoopRunners`` is touched only on its own loop; a ``LoopRegistry``'s mapping
+and ``last`` are touched by every thread that runs a loop (each write is one dict or attribute
+store, and a stale ``last`` is only a missed shortcut); ``ProcessRunners`` takes its lock to
+change, and is read without it (a tuple, replaced whole).
 """
 
 from __future__ import annotations
@@ -13,19 +21,20 @@ import asyncio
 import sys
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from ._errors import NoRunnerError
+from ._task import RunnerView
 
 if TYPE_CHECKING:
     from trio.lowlevel import RunVar
 
-    from ._runner import BackgroundRunner
+__all__ = ["LoopRegistry", "LoopRunners", "ProcessRunners"]
 
-__all__ = ["LoopRunners", "loop_runners", "loop_runners_here", "process_runners", "runners_of"]
+R = TypeVar("R", bound=RunnerView)
 
 
-class LoopRunners:
+class LoopRunners(Generic[R]):
     """The runners of one event loop."""
 
     __slots__ = (
@@ -40,32 +49,32 @@ class LoopRunners:
 
     def __init__(self, implicit_allowed: bool) -> None:
         #: Entered runners not yet closed, in opening order.
-        self.runners: list[BackgroundRunner] = []
+        self.runners: list[R] = []
         #: The first of them still taking work from outside (``refresh`` keeps it so).
-        self.first_open: BackgroundRunner | None = None
+        self.first_open: R | None = None
         #: The loop's implicit runner, once made.
-        self.implicit: BackgroundRunner | None = None
+        self.implicit: R | None = None
         #: Whether a runner was ever entered here (then no implicit runner is made).
         self.ever_opened = False
         #: Whether this loop may get an implicit runner (asyncio; trio has none).
         self.implicit_allowed = implicit_allowed
         #: The runner ``ctxkit.spawn`` picks here whoever calls, background task or not, when
         #: there is only one it could pick (``refresh`` keeps it so); else None.
-        self.sole: BackgroundRunner | None = None
+        self.sole: R | None = None
 
-    def add(self, runner: BackgroundRunner) -> None:
+    def add(self, runner: R) -> None:
         """Record an entered runner."""
         self.runners.append(runner)
         self.ever_opened = True
         self.refresh()
 
-    def remove(self, runner: BackgroundRunner) -> None:
+    def remove(self, runner: R) -> None:
         """Forget a closed runner."""
         if runner in self.runners:
             self.runners.remove(runner)
         self.refresh()
 
-    def set_implicit(self, runner: BackgroundRunner) -> None:
+    def set_implicit(self, runner: R) -> None:
         """Record the loop's implicit runner, just made."""
         self.implicit = runner
         self.refresh()
@@ -87,128 +96,125 @@ class LoopRunners:
             self.sole = self.first_open if len(runners) == 1 else None
 
 
-_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopRunners] = (
-    weakref.WeakKeyDictionary()
-)
-#: The asyncio loop whose runners were looked up last (weakly), and its runners: the one
-#: look-up that ``loop_runners_here`` keeps. Read, never written, by ``ctxkit.spawn``'s hot
-#: path, which inlines ``loop_runners_here``'s first case. Cleared when that loop is
-#: garbage-collected, so it never keeps a finished loop's runners longer than ``_by_loop``.
-last: tuple[weakref.ref[asyncio.AbstractEventLoop], LoopRunners] | None = None
+class LoopRegistry(Generic[R]):
+    """The runners of every event loop of the process: by asyncio loop, or per trio run."""
 
+    __slots__ = ("_by_loop", "_trio_var", "_trio_var_lock", "last")
 
-def _forget(ref: weakref.ref[asyncio.AbstractEventLoop]) -> None:
-    """Drop ``last`` if it is about the loop just collected (a weak reference's callback)."""
-    global last
-    seen = last
-    if seen is not None and seen[0] is ref:
-        last = None
-
-
-#: The runners of each trio run, made when first needed with trio imported (trio is optional).
-#: trio's own RunVar, not anyio's: one dict lookup against ~3 us, on every ctxkit.spawn.
-_trio_var: RunVar[LoopRunners] | None = None
-_trio_var_lock = threading.Lock()
-
-
-def loop_runners() -> LoopRunners:
-    """Return the runners of the running event loop.
-
-    Raises:
-        NoRunnerError: No event loop runs in this thread.
-    """
-    state = loop_runners_here()
-    if state is None:
-        raise NoRunnerError(
-            "no async event loop is running in this thread; call ctxkit.spawn from async "
-            "code (from another thread, hand the call to the loop with "
-            "anyio.from_thread.run_sync or loop.call_soon_threadsafe)"
+    def __init__(self) -> None:
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopRunners[R]] = (
+            weakref.WeakKeyDictionary()
         )
-    return state
+        #: The asyncio loop whose runners were looked up last (weakly), and its runners: the
+        #: one look-up that ``here`` keeps. Read, never written, by ``ctxkit.spawn``'s hot path,
+        #: which inlines ``here``'s first case. Cleared when that loop is garbage-collected, so
+        #: it never keeps a finished loop's runners longer than the mapping does.
+        self.last: tuple[weakref.ref[asyncio.AbstractEventLoop], LoopRunners[R]] | None = None
+        #: The runners of each trio run, made when first needed with trio imported (trio is
+        #: optional). trio's own RunVar, not anyio's: one dict look-up on every ctxkit.spawn.
+        self._trio_var: RunVar[LoopRunners[R]] | None = None
+        self._trio_var_lock = threading.Lock()
 
+    def current(self) -> LoopRunners[R]:
+        """Return the runners of the running event loop.
 
-def loop_runners_here() -> LoopRunners | None:
-    """Return the runners of the event loop running in this thread, or None if none runs."""
-    return runners_of(asyncio._get_running_loop())
-
-
-def runners_of(loop: asyncio.AbstractEventLoop | None) -> LoopRunners | None:
-    """``loop_runners_here()`` for a caller that has looked up the running asyncio loop.
-
-    ``loop``: ``asyncio._get_running_loop()`` in this thread; None under trio and with no loop
-    (the trio run's runners are looked up then). Not looking the loop up twice matters on
-    Python 3.11, where each look-up is a ``getpid()`` system call.
-    """
-    global last
-    if loop is not None:
-        seen = last
-        if seen is not None and seen[0]() is loop:
-            return seen[1]
-        try:
-            state = _by_loop[loop]
-        except KeyError:
-            state = _by_loop[loop] = LoopRunners(implicit_allowed=True)
-        last = (weakref.ref(loop, _forget), state)
+        Raises:
+            NoRunnerError: No event loop runs in this thread.
+        """
+        state = self.here()
+        if state is None:
+            raise NoRunnerError(
+                "no async event loop is running in this thread; call ctxkit.spawn from async "
+                "code (from another thread, hand the call to the loop with "
+                "anyio.from_thread.run_sync or loop.call_soon_threadsafe)"
+            )
         return state
-    run_var = _trio_var if _trio_var is not None else _make_trio_var()
-    if run_var is not None:
-        try:
-            return run_var.get()
-        except LookupError:
-            state = LoopRunners(implicit_allowed=False)
-            run_var.set(state)
+
+    def here(self) -> LoopRunners[R] | None:
+        """Return the runners of the event loop running in this thread, or None if none runs."""
+        return self.of(asyncio._get_running_loop())
+
+    def of(self, loop: asyncio.AbstractEventLoop | None) -> LoopRunners[R] | None:
+        """``here()`` for a caller that has looked up the running asyncio loop.
+
+        ``loop``: ``asyncio._get_running_loop()`` in this thread; None under trio and with no
+        loop (the trio run's runners are looked up then). Not looking the loop up twice matters
+        on Python 3.11, where each look-up is a ``getpid()`` system call.
+        """
+        if loop is not None:
+            seen = self.last
+            if seen is not None and seen[0]() is loop:
+                return seen[1]
+            try:
+                state = self._by_loop[loop]
+            except KeyError:
+                state = self._by_loop[loop] = LoopRunners(implicit_allowed=True)
+            self.last = (weakref.ref(loop, self._forget), state)
             return state
-        except RuntimeError:  # trio is imported but not running in this thread
-            pass
-    return None
-
-
-def _make_trio_var() -> RunVar[LoopRunners] | None:
-    """Make the trio ``RunVar`` of the runners once; None while trio is not imported.
-
-    No trio run can be going on before trio is imported, so importing it here is never needed.
-    The lock makes runs starting in two threads at once share the one var.
-    """
-    global _trio_var
-    trio = sys.modules.get("trio")
-    if trio is None:
+        run_var = self._trio_var if self._trio_var is not None else self._make_trio_var()
+        if run_var is not None:
+            try:
+                return run_var.get()
+            except LookupError:
+                state = LoopRunners(implicit_allowed=False)
+                run_var.set(state)
+                return state
+            except RuntimeError:  # trio is imported but not running in this thread
+                pass
         return None
-    with _trio_var_lock:
-        if _trio_var is None:
-            _trio_var = trio.lowlevel.RunVar("ctxkit.runners")
-    return _trio_var
+
+    @property
+    def trio_ready(self) -> bool:
+        """Whether the trio ``RunVar`` was made (it is once trio is imported and asked for)."""
+        return self._trio_var is not None
+
+    def _forget(self, ref: weakref.ref[asyncio.AbstractEventLoop]) -> None:
+        """Drop ``last`` if it is about the loop just collected (a weak reference's callback)."""
+        seen = self.last
+        if seen is not None and seen[0] is ref:
+            self.last = None
+
+    def _make_trio_var(self) -> RunVar[LoopRunners[R]] | None:
+        """Make the trio ``RunVar`` of the runners once; None while trio is not imported.
+
+        No trio run can be going on before trio is imported, so importing it here is never
+        needed. The lock makes runs starting in two threads at once share the one var.
+        """
+        trio = sys.modules.get("trio")
+        if trio is None:
+            return None
+        with self._trio_var_lock:
+            if self._trio_var is None:
+                self._trio_var = trio.lowlevel.RunVar("ctxkit.runners")
+        return self._trio_var
 
 
-class ProcessRunners:
+class ProcessRunners(Generic[R]):
     """Every entered runner of the process that has not closed, in opening order (thread-safe)."""
 
     __slots__ = ("_lock", "_runners")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._runners: tuple[BackgroundRunner, ...] = ()
+        self._runners: tuple[R, ...] = ()
 
-    def add(self, runner: BackgroundRunner) -> None:
+    def add(self, runner: R) -> None:
         """Record an entered runner."""
         with self._lock:
             self._runners = (*self._runners, runner)
 
-    def remove(self, runner: BackgroundRunner) -> None:
+    def remove(self, runner: R) -> None:
         """Forget a closed runner."""
         with self._lock:
             self._runners = tuple(other for other in self._runners if other is not runner)
 
-    def snapshot(self) -> tuple[BackgroundRunner, ...]:
+    def snapshot(self) -> tuple[R, ...]:
         """Return the open runners, in opening order."""
         return self._runners
 
-    def first_accepting(self) -> BackgroundRunner | None:
+    def first_accepting(self) -> R | None:
         """Return the first-opened runner that still takes work from outside, or None."""
         for runner in self._runners:  # a tuple, replaced whole: safe to read without the lock
             if runner.accepting:
                 return runner
         return None
-
-
-#: The runners of the whole process (see ``ProcessRunners``).
-process_runners = ProcessRunners()

@@ -1,7 +1,7 @@
 """``ctxkit.spawn``, ``ctxkit.drain`` and the ``fire_and_forget`` decorator.
 
 These find the runner to use (see ``current_runner``) and hand the work to it; everything
-about how a task runs is the runner's business (``_runner.py``).
+about how a task runs is the runner's business (``_runner.py`` and the modules below it).
 """
 
 from __future__ import annotations
@@ -13,18 +13,24 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import anyio
 
-from . import _registry
 from ._clone import selection
 from ._errors import NoRunnerError, RunnerClosedError
 from ._options import is_coroutine, validate_options
-from ._registry import LoopRunners, loop_runners, loop_runners_here, process_runners, runners_of
-from ._runner import BackgroundRunner, open_implicit_runner, own_runner, submit
+from ._runner import (
+    BackgroundRunner,
+    loops,
+    open_implicit_runner,
+    own_runner,
+    process_runners,
+    submit,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
     from contextvars import ContextVar
 
-    from ._runner import BackgroundTask
+    from ._handle import BackgroundTask
+    from ._registry import LoopRunners
     from ._trace import Propagation
 
 __all__ = ["current_runner", "drain", "fire_and_forget", "spawn"]
@@ -50,13 +56,13 @@ def current_runner() -> BackgroundRunner:
         NoRunnerError: On trio no runner is open, or in a thread with no event loop no runner
             of the process takes work.
     """
-    return _pick(loop_runners_here())[0]
+    return _pick(loops.here())[0]
 
 
-def _pick(state: LoopRunners | None) -> tuple[BackgroundRunner, bool]:
+def _pick(state: LoopRunners[BackgroundRunner] | None) -> tuple[BackgroundRunner, bool]:
     """Return ``current_runner()`` and whether it runs on the calling code's own loop.
 
-    ``state`` is the runners of the calling code's loop (``loop_runners_here()``): None for code
+    ``state`` is the runners of the calling code's loop (``loops.here()``): None for code
     with no event loop in its thread.
 
     Every runner but the process-wide one of a thread with no loop was found among the runners
@@ -82,7 +88,7 @@ def _process_runner() -> BackgroundRunner:
     return runner
 
 
-def _fallback(state: LoopRunners) -> BackgroundRunner:
+def _fallback(state: LoopRunners[BackgroundRunner]) -> BackgroundRunner:
     """Return the runner for a loop where no runner takes work from outside."""
     if state.runners:
         return state.runners[0]  # shutting down: its spawn() says so
@@ -166,13 +172,13 @@ def spawn(
         NoRunnerError: No event loop, or trio without an open runner.
     """
     try:
-        # loop_runners_here() and _pick()'s first case, inlined: the hot path of every spawn.
-        loop, seen = _get_running_loop(), _registry.last
+        # loops.here() and _pick()'s first case, inlined: the hot path of every spawn.
+        loop, seen = _get_running_loop(), loops.last
         sole = seen[1].sole if loop is not None and seen is not None and seen[0]() is loop else None
         if sole is not None:
             runner, on_its_loop = sole, True
         else:
-            runner, on_its_loop = _pick(runners_of(loop))  # trio's runners, when loop is None
+            runner, on_its_loop = _pick(loops.of(loop))  # trio's runners, when loop is None
     except BaseException:
         if is_coroutine(coro_or_fn):
             coro_or_fn.close()
@@ -194,7 +200,7 @@ async def drain(timeout: float | None = None) -> None:
         TimeoutError: ``timeout`` passed with tasks still running or pending (they go on).
         NoRunnerError: No event loop is running.
     """
-    state = loop_runners()
+    state = loops.current()
     with anyio.fail_after(timeout):
         while True:
             runners = [*state.runners, *([state.implicit] if state.implicit else [])]

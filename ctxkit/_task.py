@@ -1,18 +1,18 @@
-"""The plain values the runner reports with: ``TaskOutcome``, ``TaskFailure``, ``RunnerStatistics``.
+"""The bottom layer of the runner: the plain values it reports with, and its read-only view.
 
-The handle itself (``BackgroundTask``) lives with the runner core in ``_runner.py``.
+``TaskOutcome``, ``RunnerStatistics`` and ``TaskInfo`` are values; ``RunnerView`` is the small
+protocol through which the modules below the runner (the registry, the metrics, the signal
+dump) look at a runner without knowing its class. The handle (``BackgroundTask``) and
+``TaskFailure`` live in ``_handle.py``.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal
+from typing import Final, Literal, Protocol
 
-if TYPE_CHECKING:
-    from ._runner import BackgroundTask
-
-__all__ = ["RunnerStatistics", "TaskFailure", "TaskInfo", "TaskOutcome"]
+__all__ = ["RunnerStatistics", "RunnerView", "TaskInfo", "TaskOutcome"]
 
 
 class TaskOutcome(enum.StrEnum):
@@ -34,29 +34,6 @@ OK: Final = TaskOutcome.OK
 ERROR: Final = TaskOutcome.ERROR
 TIMEOUT: Final = TaskOutcome.TIMEOUT
 CANCELLED: Final = TaskOutcome.CANCELLED
-
-
-@dataclass(frozen=True, slots=True)
-class TaskFailure:
-    """What ``on_error`` receives for a task that raised.
-
-    Attributes:
-        task: The task's handle (its ``name``, ``trace_id`` ...).
-        exception: The exception the task raised.
-    """
-
-    task: BackgroundTask[object]
-    exception: BaseException
-
-    @property
-    def name(self) -> str:
-        """The failed task's name."""
-        return self.task.name
-
-    @property
-    def trace_id(self) -> str | None:
-        """The failed task's trace id (see ``BackgroundTask.trace_id``)."""
-        return self.task.trace_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,3 +80,24 @@ class TaskInfo:
     age: float
     running_for: float | None
     trace_id: str | None
+
+
+class RunnerView(Protocol):
+    """What the lower layers may ask of a runner: whether it takes work, and snapshots.
+
+    Each member may be called from any thread (see ``BackgroundRunner``).
+    """
+
+    @property
+    def accepting(self) -> bool:
+        """True while the runner takes work from outside its own tasks."""
+
+    @property
+    def closed(self) -> bool:
+        """True once the runner has shut down."""
+
+    def statistics(self) -> RunnerStatistics:
+        """Return a snapshot of the runner's counters."""
+
+    def tasks(self) -> list[TaskInfo]:
+        """Return a snapshot of the runner's running and pending tasks."""

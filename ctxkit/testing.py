@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from opentelemetry import trace
 
-from ._registry import loop_runners
-from ._runner import BackgroundRunner, BackgroundTask
+from ._handle import BackgroundTask
+from ._runner import BackgroundRunner, loops
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from ._task import TaskFailure
+    from ._handle import TaskFailure
 
 __all__ = ["SpanLike", "SpanRecorder", "open_runner"]
 
@@ -355,7 +355,7 @@ async def open_runner(
     logger.addHandler(records)
     # The runner is the test's, not the loop's: once it closes, the loop is as before (a later
     # test on a shared loop still gets the implicit runner, not RunnerClosedError).
-    loop_state = loop_runners()
+    loop_state = loops.current()
     opened_before = loop_state.ever_opened
     try:
         async with runner:

@@ -315,8 +315,8 @@ class TestDumpInProcess:
     ) -> None:
         """A name that is no signal here is a WARNING, and nothing is installed."""
         from ctxkit import _dump
-        from ctxkit._registry import process_runners
+        from ctxkit._runner import process_runners
 
         monkeypatch.setenv(_dump.ENVIRONMENT, "NOSUCH")
-        _dump.install_from_environment(process_runners)
+        _dump.install_from_environment(process_runners.snapshot)
         assert any("names no signal" in r.getMessage() for r in caplog.records)

@@ -20,7 +20,7 @@ import anyio
 import pytest
 
 import ctxkit
-from ctxkit import _registry
+from ctxkit._runner import loops
 from ctxkit.testing import open_runner
 
 from ._support import ASYNCIO_ONLY, assert_identity, ctxkit_messages, noop, wait_for
@@ -290,7 +290,7 @@ class TestRunnerScope:
         async def main() -> None:
             async with ctxkit.BackgroundRunner() as runner:
                 await ctxkit.spawn(noop)
-                refs.append(weakref.ref(_registry.loop_runners()))
+                refs.append(weakref.ref(loops.current()))
                 refs.append(weakref.ref(runner))
 
         asyncio.run(main())
@@ -305,9 +305,10 @@ class TestBackendInterface:
         """The runner core reaches the backends through one interface, never by testing a field."""
         import inspect
 
-        from ctxkit import _runner
+        from ctxkit import _core, _handle, _handover, _lifecycle, _reporting, _runner
 
-        source = inspect.getsource(_runner)
-        assert "import asyncio" not in source
-        assert "import trio" not in source
-        assert "_loop is None" not in source
+        for module in (_core, _handle, _handover, _lifecycle, _reporting, _runner):
+            source = inspect.getsource(module)
+            assert "import asyncio" not in source, module
+            assert "import trio" not in source, module
+            assert "_loop is None" not in source, module

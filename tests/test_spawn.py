@@ -207,7 +207,7 @@ class TestRunnerLookupCache:
         """Spawns that made the implicit runner stop going there once a runner is entered."""
 
         async def main() -> tuple[int, int]:
-            implicit = ctxkit.spawn(noop)._runner
+            implicit = ctxkit.spawn(noop)._owner.runner
             ctxkit.spawn(noop)
             async with ctxkit.BackgroundRunner() as entered:
                 ctxkit.spawn(noop)
@@ -227,7 +227,7 @@ class TestRunnerLookupCache:
                 for _ in range(50):
                     await asyncio.to_thread(barrier.wait)  # both loops spawn in turns
                     task = ctxkit.spawn(noop)
-                    assert task._runner is runner
+                    assert task._owner.runner is runner
                     await asyncio.sleep(0)
             counts[label] = (runner.statistics().spawned, runner.statistics().ok)
 
@@ -246,9 +246,9 @@ class TestRunnerLookupCache:
         """Two trio runs that open their first runner at once share one RunVar, not runners."""
         import trio
 
-        from ctxkit import _registry
+        from ctxkit._runner import loops
 
-        monkeypatch.setattr(_registry, "_trio_var", None)  # both runs make it, at once
+        monkeypatch.setattr(loops, "_trio_var", None)  # both runs make it, at once
         barrier = threading.Barrier(2, timeout=10)
         counts: dict[str, tuple[int, int]] = {}
 
@@ -258,7 +258,7 @@ class TestRunnerLookupCache:
                 for _ in range(50):
                     await trio.to_thread.run_sync(barrier.wait)  # both runs spawn in turns
                     task = ctxkit.spawn(noop)
-                    assert task._runner is runner
+                    assert task._owner.runner is runner
                     assert ctxkit.current_runner() is runner
                     await trio.lowlevel.checkpoint()
             counts[label] = (runner.statistics().spawned, runner.statistics().ok)
@@ -274,22 +274,22 @@ class TestRunnerLookupCache:
         """Before trio is imported no trio run can exist: the lookup says "no loop" at once."""
         import sys
 
-        from ctxkit import _registry
+        from ctxkit._runner import loops
 
-        monkeypatch.setattr(_registry, "_trio_var", None)
+        monkeypatch.setattr(loops, "_trio_var", None)
         monkeypatch.delitem(sys.modules, "trio")
         with pytest.raises(ctxkit.NoRunnerError, match="no async event loop"):
-            _registry.loop_runners()
-        assert _registry._trio_var is None  # made once trio is imported, not before
+            loops.current()
+        assert not loops.trio_ready  # made once trio is imported, not before
 
     def test_no_event_loop_with_trio_imported(self) -> None:
         """With trio imported but no run in this thread, the lookup says "no loop" too."""
         import trio  # noqa: F401
 
-        from ctxkit import _registry
+        from ctxkit._runner import loops
 
         with pytest.raises(ctxkit.NoRunnerError, match="no async event loop"):
-            _registry.loop_runners()
+            loops.current()
 
 
 @pytest.mark.anyio

@@ -23,7 +23,7 @@ from .._task import CANCELLED as _CANCELLED
 from .._task import ERROR as _ERROR
 from .._task import OK as _OK
 from .._task import TIMEOUT as _TIMEOUT
-from . import without_wrapper_frame, wrapper
+from ._base import without_wrapper_frame, wrapper
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
