@@ -15,7 +15,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._harness import Settings, set_seed
+from ._harness import Settings, set_seed, targets_markdown
 
 if TYPE_CHECKING:
     from ._harness import CaseResult
@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="fewer rounds and smaller sizes (under a minute)"
     )
     parser.add_argument("--json", metavar="PATH", help="write every figure to this JSON file")
-    parser.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
+    parser.add_argument(
+        "--markdown",
+        metavar="PATH",
+        help="write the targets (each beside its floor row) and the tables as Markdown, "
+        "the form of benchmarks/RESULTS.md",
+    )
     parser.add_argument(
         "--cases",
         type=_parse_cases,
@@ -168,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nWrote {args.json}")
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write("## Targets\n\n" + targets_markdown(results) + "\n## Tables\n\n")
             f.write("\n".join(r.markdown() for r in results))
         print(f"Wrote {args.markdown}")
     return 0

@@ -42,6 +42,8 @@ VARS: Final = tuple(
     ContextVar[str](name)
     for name in ("bench.request_id", "bench.tenant", "bench.user", "bench.lang")
 )
+#: The same 4 vars as a list: ``vars=`` takes a tuple or a list, and users write both.
+VARS_LIST: Final = list(VARS)
 _MISSING: Final = object()
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "measure_sync",
     "set_seed",
     "skipped",
+    "targets_markdown",
 ]
 
 _seed: int = 0
@@ -95,6 +96,10 @@ class Target:
     limit: float
     strict: bool = False
     """True for "below" (<), False for "at most" (<=)."""
+    floor: str | None = None
+    """The variant doing the same work by hand with public APIs, measured against ``ref`` too:
+    what is left for ctxkit when the floor alone is near (or past) the limit. ``ref`` itself
+    when the target is judged against its floor."""
 
 
 @dataclass
@@ -148,6 +153,12 @@ class TargetResult:
     target: Target
     ratio: float
     ratios: list[float]
+    floor_ratios: list[float] = field(default_factory=list)
+    """The floor's per-round ratios to the same ``ref`` (empty: the target names no floor)."""
+
+    @property
+    def floor_ratio(self) -> float | None:
+        return statistics.median(self.floor_ratios) if self.floor_ratios else None
 
     @property
     def met(self) -> bool:
@@ -158,10 +169,30 @@ class TargetResult:
     def line(self) -> str:
         op = "<" if self.target.strict else "<="
         verdict = "MET   " if self.met else "MISSED"
+        floor = ""
+        if self.target.floor == self.target.ref:
+            floor = "; the ref is the floor"
+        elif self.floor_ratio is not None:
+            floor = f"; floor {self.floor_ratio:.2f}x: {self.target.floor}"
         return (
             f"  [{verdict}] {self.target.text}: {self.target.variant} / {self.target.ref} = "
             f"{self.ratio:.2f}x (target {op} {self.target.limit:g}x; "
-            f"rounds {min(self.ratios):.2f}-{max(self.ratios):.2f})"
+            f"rounds {min(self.ratios):.2f}-{max(self.ratios):.2f}{floor})"
+        )
+
+    def markdown(self, case: str) -> str:
+        """Return this target of case ``case`` as a row of ``targets_markdown``'s table."""
+        op = "<" if self.target.strict else "<="
+        verdict = "met" if self.met else "**missed**"
+        floor = ""
+        if self.target.floor == self.target.ref:
+            floor = "the ref"
+        elif self.floor_ratio is not None:
+            floor = f"{self.floor_ratio:.2f}x {self.target.floor}"
+        return (
+            f"| {case} | {self.target.text} | {self.target.variant} / {self.target.ref} "
+            f"| {self.ratio:.2f}x ({min(self.ratios):.2f}-{max(self.ratios):.2f}) "
+            f"| {op} {self.target.limit:g}x | {verdict} | {floor} |"
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -174,6 +205,9 @@ class TargetResult:
             "ratio_median": self.ratio,
             "ratios": self.ratios,
             "met": self.met,
+            "floor": self.target.floor,
+            "floor_ratios": self.floor_ratios,
+            "floor_ratio_median": self.floor_ratio,
         }
 
 
@@ -222,7 +256,7 @@ class CaseResult:
         return "\n".join(lines) + "\n"
 
     def markdown(self) -> str:
-        """Return the same table as Markdown."""
+        """Return the same table as Markdown (the targets go to ``targets_markdown``)."""
         head = f"### Case {self.case}: {self.title}\n"
         if self.skipped is not None:
             return f"{head}\nSkipped: {self.skipped}\n"
@@ -239,15 +273,6 @@ class CaseResult:
                 f"| {r.name} | {_num(r.median)} | {_num(r.minimum)} | {r.ratio:.2f}x "
                 f"| {min(r.ratios):.2f}-{max(r.ratios):.2f} | {ref} |"
             )
-        if self.targets:
-            lines.append("")
-            for t in self.targets:
-                op = "<" if t.target.strict else "<="
-                verdict = "**met**" if t.met else "**missed**"
-                lines.append(
-                    f"- {verdict}: {t.target.text} -- {t.target.variant} / {t.target.ref} = "
-                    f"{t.ratio:.2f}x (target {op} {t.target.limit:g}x)"
-                )
         if self.notes:
             lines.append("")
             lines.extend(f"- {n}" for n in self.notes)
@@ -266,6 +291,17 @@ class CaseResult:
             "notes": self.notes,
             "orders": self.orders,
         }
+
+
+def targets_markdown(results: Sequence[CaseResult]) -> str:
+    """Return every target of ``results`` as one Markdown table, each beside its floor row."""
+    lines = [
+        "| case | target | measured | median (rounds) | limit | verdict "
+        "| floor row, over the same ref |",
+        "|---|---|---|---:|---:|---|---|",
+    ]
+    lines.extend(t.markdown(r.case) for r in results for t in r.targets)
+    return "\n".join(lines) + "\n"
 
 
 def _num(value: float) -> str:
@@ -297,12 +333,20 @@ def skipped(case: str, title: str, reason: str) -> CaseResult:
 
 
 class _Collector:
-    def __init__(self, variants: Sequence[Variant], baseline: str) -> None:
+    def __init__(
+        self, variants: Sequence[Variant], baseline: str, targets: Sequence[Target]
+    ) -> None:
         names = [v.name for v in variants]
         if len(set(names)) != len(names):
             raise ValueError(f"variant names repeat: {names}")
         if baseline not in names:
             raise ValueError(f"baseline {baseline!r} is not a variant")
+        # Checked before the first round, not after the last: a misspelt name fails at once.
+        named = [v.ref for v in variants]
+        named += [n for t in targets for n in (t.variant, t.ref, t.floor)]
+        unknown = sorted({n for n in named if n is not None and n not in names})
+        if unknown:
+            raise ValueError(f"refs, targets or floors name no variant: {unknown}")
         self.variants = variants
         self.baseline = baseline
         self.per_op: dict[str, list[float]] = {n: [] for n in names}
@@ -329,7 +373,8 @@ class _Collector:
             result.rows.append(row)
         for t in targets:
             ratios = _ratios(self.per_op[t.variant], self.per_op[t.ref])
-            result.targets.append(TargetResult(t, statistics.median(ratios), ratios))
+            floor = [] if t.floor is None else _ratios(self.per_op[t.floor], self.per_op[t.ref])
+            result.targets.append(TargetResult(t, statistics.median(ratios), ratios, floor))
         return result
 
 
@@ -355,7 +400,7 @@ async def measure(
     ``warmup`` rounds run first and are thrown away. ``between``, when given, is awaited
     after every batch (untimed): a place to let background threads settle.
     """
-    collector = _Collector(variants, baseline)
+    collector = _Collector(variants, baseline, targets)
     for i, order in enumerate(_orders(case, variants, warmup + rounds)):
         collector.orders.append([v.name for v in order])
         for v in order:
@@ -380,7 +425,7 @@ def measure_sync(
     notes: Sequence[str] = (),
 ) -> CaseResult:
     """Measure synchronous variants in interleaved rounds."""
-    collector = _Collector(variants, baseline)
+    collector = _Collector(variants, baseline, targets)
     for i, order in enumerate(_orders(case, variants, warmup + rounds)):
         collector.orders.append([v.name for v in order])
         for v in order:

@@ -125,12 +125,14 @@ TARGETS = (
         "clone_without_span, 4 vars, same source",
         COPY_SET,
         1.5,
+        floor=READS_4,
     ),
     Target(
         "clone_without_span, 4 vars (new source) <= 1.5x copy_context() + 1 var set",
         "clone_without_span, 4 vars, new source",
         COPY_SET,
         1.5,
+        floor="by hand, 4 vars",
     ),
 )
 

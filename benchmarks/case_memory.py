@@ -145,12 +145,15 @@ def variants(n: int, provider: TracerProvider, ratio: TracerProvider) -> list[Va
 
 
 TARGETS = (
-    Target("memory per pending task without span <= 1.3x strong set", CTXKIT, STRONG, 1.3),
+    Target(
+        "memory per pending task without span <= 1.3x strong set", CTXKIT, STRONG, 1.3, floor=HAND
+    ),
     Target(
         "memory per pending task with span <= 1.3x strong set with span",
         CTXKIT_SPAN,
         STRONG_SPAN,
         1.3,
+        floor=HAND_SPAN,
     ),
 )
 

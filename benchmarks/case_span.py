@@ -19,6 +19,13 @@ tasks from each of ``n / 10`` request contexts (made outside the clock, each wit
 own, sampled at its root as that sampler decides; exactly 10% are), so 10% of the task spans
 are recorded and the others are sampled out because their parent is.
 
+Two floors of the always-on span stand beside ctxkit's row (``spawn(..., vars=<4 vars tuple>,
+span=True)``): ``spawn(span=False)`` plus the SDK's start and end of a span with ctxkit's
+attributes, never made current; and a bare ``create_task`` of a wrapper coroutine that starts
+a span with ctxkit's kind and attributes, makes it current in the task's copied context, sets
+ctxkit's outcome attribute and ends it (``in_task_span``), which is what a hand-written span per
+task costs. The "vars list" row passes the same 4 vars as a list.
+
 Case 2b is the ladder: what a span costs when it will not be recorded, side by side with no span
 and a recorded one, each against a bare ``create_task``. The spans there come from the ratio
 provider under one request context whose span is not sampled ("sampled out") or is ("recorded");
@@ -43,14 +50,17 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Status, StatusCode
 
 import ctxkit
 
 from ._common import (
     VARS,
+    VARS_LIST,
     Batch,
     HandSpan,
     NoOpExporter,
+    log,
     now,
     ratio_requests,
     request_span,
@@ -61,7 +71,8 @@ from ._common import (
 from ._harness import Target, Variant, measure
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Coroutine, Sequence
+    from contextvars import ContextVar
 
     from ._harness import CaseResult, Settings
 
@@ -82,14 +93,29 @@ HAND_RATIO = "hand-written, SDK 10% ratio sampler"
 FLOOR = "floor: spawn(span=False) + SDK span with ctxkit's attributes"
 FLOOR_BARE = "floor: spawn(span=False) + SDK span, no attributes"
 FLOOR_RATIO = "floor: spawn(span=False) + SDK span with ctxkit's attributes, 10% ratio"
+FLOOR_TASK = "floor: create_task of a wrapper with a current SDK span, ctxkit's attributes"
+CTXKIT_LIST = "ctxkit.spawn, SDK, no-op meter, vars list"
 
 #: Tasks spawned from each request context in the ratio-sampler variants.
 PER_REQUEST = 10
 RATE = 0.1
 
 TARGETS = (
-    Target("span per task, 10% ratio sampler <= 1.0x otel-asyncio", CTXKIT_RATIO, OTEL_RATIO, 1.0),
-    Target("span per task, SDK always-on <= 1.2x otel-asyncio", CTXKIT, OTEL, 1.2),
+    Target(
+        "span per task, 10% ratio sampler <= 1.0x otel-asyncio",
+        CTXKIT_RATIO,
+        OTEL_RATIO,
+        1.0,
+        floor=FLOOR_RATIO,
+    ),
+    Target("span per task, SDK always-on <= 1.2x otel-asyncio", CTXKIT, OTEL, 1.2, floor=FLOOR),
+    Target(
+        "span per task, SDK always-on <= 1.15x create_task of a wrapper with a current span",
+        CTXKIT,
+        FLOOR_TASK,
+        1.15,
+        floor=FLOOR_TASK,
+    ),
     Target("... with BatchSpanProcessor <= 1.0x otel-asyncio", CTXKIT_BSP, OTEL_BSP, 1.0),
     Target(
         "with metrics on <= 1.0x otel-asyncio with its metrics", CTXKIT_METRICS, OTEL_METRICS, 1.0
@@ -115,6 +141,7 @@ LADDER_TARGETS = (
         L_OUT,
         L_FLOOR_CTX_OUT,
         1.1,
+        floor=L_FLOOR_CTX_OUT,
     ),
 )
 
@@ -201,14 +228,20 @@ def variants(n: int, s: _Setup) -> list[Variant]:
 
         return Variant(name, run, n)
 
-    def ctx(name: str, tp: TracerProvider, mp: Any, ref: str) -> Variant:
+    def ctx(
+        name: str,
+        tp: TracerProvider,
+        mp: Any,
+        ref: str,
+        vars: tuple[ContextVar[str], ...] | list[ContextVar[str]] = VARS,
+    ) -> Variant:
         async def run() -> int:
             batch = Batch(n, asyncio.Event())
             async with ctxkit.BackgroundRunner(limit=None, tracer_provider=tp, meter_provider=mp):
                 with tp.get_tracer("bench").start_as_current_span("request"):
                     t0 = now()
                     for _ in range(n):
-                        ctxkit.spawn(tick(batch), vars=VARS)
+                        ctxkit.spawn(tick(batch), vars=vars, span=True)
                     await batch.done.wait()
                     await asyncio.sleep(0)
                     return now() - t0
@@ -229,10 +262,23 @@ def variants(n: int, s: _Setup) -> list[Variant]:
 
         return Variant(name, run, n, ref=ref)
 
+    async def floor_task() -> int:
+        batch = Batch(n, asyncio.Event())
+        tracer = s.plain.get_tracer("bench")
+        with tracer.start_as_current_span("request"):
+            t0 = now()
+            for _ in range(n):
+                asyncio.create_task(in_task_span(tick(batch), tracer))  # noqa: RUF006 - bare
+            await batch.done.wait()
+            await asyncio.sleep(0)
+            return now() - t0
+
     requests = ratio_requests(n // PER_REQUEST, RATE)
     return [
         otel(OTEL, s.plain, s.noop_meter),
         ctx(CTXKIT, s.plain, s.noop_meter, OTEL),
+        ctx(CTXKIT_LIST, s.plain, s.noop_meter, CTXKIT, VARS_LIST),
+        Variant(FLOOR_TASK, floor_task, n, ref=OTEL),
         hand(HAND, s.plain, OTEL),
         otel_in(OTEL_RATIO, n, s.ratio, requests, s.noop_meter),
         ctx_in(CTXKIT_RATIO, n, s.ratio, requests, s.noop_meter, ref=OTEL_RATIO),
@@ -247,6 +293,35 @@ def variants(n: int, s: _Setup) -> list[Variant]:
         ctx(CTXKIT_METRICS, s.plain, s.sdk_meter, OTEL_METRICS),
         Variant(BARE, bare, n),
     ]
+
+
+async def in_task_span(coro: Coroutine[Any, Any, None], tracer: trace.Tracer) -> None:
+    """Run ``coro`` inside a span of its own, current, with the attributes of ctxkit's task span.
+
+    The floor of a span per task: the task runs in the copy of the caller's context that
+    ``create_task`` makes (the caller's vars and current span, here a request span: the parent);
+    the span is started when the task first runs, with ctxkit's kind and start attributes, made
+    current by an ``attach`` in that copy (the task's own: nothing to detach), given ctxkit's
+    outcome attribute and ended when ``coro`` ends. An error is recorded on it and logged.
+    """
+    name: str = getattr(coro, "__qualname__", "task")  # a coroutine's, as ctxkit names a task
+    span = tracer.start_span(
+        name,
+        kind=trace.SpanKind.INTERNAL,
+        attributes={"ctxkit.async": True, "ctxkit.task.name": name},
+    )
+    otel_context.attach(trace.set_span_in_context(span))
+    try:
+        await coro
+    except Exception as exc:
+        span.set_attribute("ctxkit.task.outcome", "error")
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        span.record_exception(exc)
+        log.error("background task failed", exc_info=exc)
+    else:
+        span.set_attribute("ctxkit.task.outcome", "ok")
+    finally:
+        span.end()
 
 
 def otel_in(
@@ -416,6 +491,10 @@ def run(settings: Settings) -> list[CaseResult]:
                     "runs, ctxkit and the hand-written pattern at spawn",
                     f"10% ratio sampler: ParentBased(TraceIdRatioBased({RATE})), {PER_REQUEST} "
                     "tasks from each request context, 10% of the requests sampled",
+                    "floor, create_task of a wrapper: a bare create_task (its copy of the "
+                    "caller's context carries the 4 vars) of a coroutine that starts an SDK span "
+                    "with ctxkit's kind and attributes, attaches it, sets the outcome and ends it",
+                    "'vars list': the same 4 vars passed as a list; vs ref: the tuple's row",
                 ],
             )
             ladder_table = await measure(

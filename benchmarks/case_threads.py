@@ -48,6 +48,7 @@ TARGETS_A = [
         CTXKIT,
         FROM_THREAD,
         0.5,
+        floor=BY_HAND,
     )
 ]
 

@@ -5,6 +5,10 @@ and 4 vars set, then a wait until the last has run. ``nursery.start_soon`` and a
 ``start_soon`` copy the caller's whole context (no detaching); their batch ends when the
 nursery exits. ctxkit's runner is opened before the clock starts and closed after it stops.
 
+ctxkit's rows pass the 4 vars as ``vars=`` a tuple; each "vars list" row passes the same vars as
+a list and reads its ``vs ref`` against the tuple's row, as does the "registered vars" row, which
+gives them to ``ctxkit.register`` (outside the clock) and passes no ``vars=``.
+
 Two floor rows show what any trio task that no user nursery or cancel scope reaches, and that
 its owner alone can cancel, costs with trio's public API before ctxkit does anything: a system
 task of the run (``spawn_system_task``, in a copy of the caller's context), and the same with
@@ -22,11 +26,12 @@ from opentelemetry import trace
 
 import ctxkit
 
-from ._common import VARS, Batch, now, request_span, set_vars, tick
+from ._common import VARS, VARS_LIST, Batch, now, request_span, set_vars, tick
 from ._harness import Target, Variant, measure, skipped
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
+    from contextvars import ContextVar
 
     from ._harness import CaseResult, Settings
 
@@ -38,10 +43,25 @@ SYSTEM = "trio spawn_system_task (floor)"
 SYSTEM_SCOPE = "spawn_system_task + own CancelScope (floor)"
 CTXKIT = "ctxkit.spawn (limit=None)"
 CTXKIT_100 = "ctxkit.spawn (limit=100, default)"
+CTXKIT_LIST = "ctxkit.spawn (limit=None), vars list"
+CTXKIT_100_LIST = "ctxkit.spawn (limit=100, default), vars list"
+CTXKIT_REGISTERED = "ctxkit.spawn (limit=None), registered vars"
 
 TARGETS = (
-    Target("trio spawn, no span (limit=None) <= 2.0x nursery.start_soon", CTXKIT, NURSERY, 2.0),
-    Target("trio spawn, no span (limit=100) <= 2.0x nursery.start_soon", CTXKIT_100, NURSERY, 2.0),
+    Target(
+        "trio spawn, no span (limit=None) <= 2.0x nursery.start_soon",
+        CTXKIT,
+        NURSERY,
+        2.0,
+        floor=SYSTEM_SCOPE,
+    ),
+    Target(
+        "trio spawn, no span (limit=100) <= 2.0x nursery.start_soon",
+        CTXKIT_100,
+        NURSERY,
+        2.0,
+        floor=SYSTEM_SCOPE,
+    ),
 )
 
 
@@ -88,27 +108,50 @@ def variants(n: int) -> list[Variant]:
 
         return Variant(SYSTEM_SCOPE if scoped else SYSTEM, run, n)
 
-    def with_ctxkit(limit: int | None) -> Variant:
+    def with_ctxkit(
+        name: str,
+        limit: int | None,
+        *,
+        vars: tuple[ContextVar[str], ...] | list[ContextVar[str]] = VARS,
+        registered: bool = False,
+        ref: str = ANYIO,
+    ) -> Variant:
+        """``ctxkit.spawn(..., vars=vars)``; ``registered``: the 4 vars registered instead
+        (outside the clock) and no ``vars=``."""
+
         async def run() -> int:
             batch = Batch(n, trio.Event())
-            async with ctxkit.BackgroundRunner(limit=limit):
-                with trace.use_span(request_span()):
-                    t0 = now()
-                    for _ in range(n):
-                        ctxkit.spawn(tick(batch), span=False, vars=VARS)
-                    await batch.done.wait()
-                    await trio.lowlevel.checkpoint()
-                    return now() - t0
+            if registered:
+                ctxkit.register(*VARS)
+            try:
+                async with ctxkit.BackgroundRunner(limit=limit):
+                    with trace.use_span(request_span()):
+                        t0 = now()
+                        if registered:
+                            for _ in range(n):
+                                ctxkit.spawn(tick(batch), span=False)
+                        else:
+                            for _ in range(n):
+                                ctxkit.spawn(tick(batch), span=False, vars=vars)
+                        await batch.done.wait()
+                        await trio.lowlevel.checkpoint()
+                        return now() - t0
+            finally:
+                if registered:
+                    ctxkit.unregister(*VARS)
 
-        return Variant(CTXKIT if limit is None else CTXKIT_100, run, n, ref=ANYIO)
+        return Variant(name, run, n, ref=ref)
 
     return [
         Variant(NURSERY, nursery, n),
         Variant(ANYIO, anyio_group, n),
         system_tasks(scoped=False),
         system_tasks(scoped=True),
-        with_ctxkit(None),
-        with_ctxkit(100),
+        with_ctxkit(CTXKIT, None),
+        with_ctxkit(CTXKIT_LIST, None, vars=VARS_LIST, ref=CTXKIT),
+        with_ctxkit(CTXKIT_REGISTERED, None, registered=True, ref=CTXKIT),
+        with_ctxkit(CTXKIT_100, 100),
+        with_ctxkit(CTXKIT_100_LIST, 100, vars=VARS_LIST, ref=CTXKIT_100),
     ]
 
 
@@ -134,6 +177,9 @@ def run(settings: Settings) -> list[CaseResult]:
                 "on trio each ctxkit task is a trio system task in its own cancel scope",
                 "the floor rows are that alone: entering and leaving the scope costs about one "
                 "native start_soon",
+                "'vars list': the same 4 vars passed as a list, not a tuple; 'registered vars': "
+                "the 4 vars given to ctxkit.register (outside the clock) and no vars=; vs ref: "
+                "each against the same row with the tuple",
             ],
         )
 

@@ -1,13 +1,17 @@
 """This checkout's ctxkit against another commit's, side by side in one process.
 
-``python -m benchmarks.paired REV [--case spawn|trio|clone] [--rounds 21] [--seed 1]`` compares
-ctxkit of this checkout with that of commit ``REV`` (exported with ``git archive`` into a
-temporary directory and imported as the package ``ctxkit_rev``; ctxkit's modules import each
-other relatively), in interleaved rounds in a shuffled order:
+``python -m benchmarks.paired REV [--case spawn|trio|clone] [--vars tuple,list,registered]
+[--rounds 21] [--seed 1]`` compares ctxkit of this checkout with that of commit ``REV``
+(exported with ``git archive`` into a temporary directory and imported as the package
+``ctxkit_rev``; ctxkit's modules import each other relatively), in interleaved rounds in a
+shuffled order:
 
 - ``spawn`` (the default): case 1's shape (a burst of 10,000 trivial tasks, 4 vars, a valid
   request span, no task span), ``ctxkit.spawn`` with both limits, plus a bare ``create_task``;
-- ``trio``: case 1's shape on trio (case 7), against native ``nursery.start_soon``;
+  the 4 vars passed as a tuple, as a list, and registered (``ctxkit.register``, outside the
+  clock, and no ``vars=``), as ``--vars`` picks (default: all three);
+- ``trio``: case 1's shape on trio (case 7), against native ``nursery.start_soon``, with the
+  same shapes of vars;
 - ``clone``: case 3's shape, ``clone_without_span`` of 4 vars from the same source and from a
   new source per call, plus ``copy_context()`` + 1 var set.
 
@@ -32,11 +36,11 @@ from opentelemetry import trace
 import ctxkit
 
 from . import case_clone, case_trio
-from ._common import VARS, Batch, now, request_span, set_vars, tick
+from ._common import VARS, VARS_LIST, Batch, now, request_span, set_vars, tick
 from ._harness import CHUNKS, Variant, measure, measure_sync, set_seed
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
 N = 10_000
 BARE = "bare create_task"
@@ -54,7 +58,7 @@ def _import_rev(rev: str, into: Path) -> Any:
     return importlib.import_module("ctxkit_rev")
 
 
-def _variants(other: Any, rev: str) -> list[Variant]:
+def _variants(other: Any, rev: str, shapes: Sequence[str]) -> list[Variant]:
     async def bare() -> int:
         batch = Batch(N, asyncio.Event())
         with trace.use_span(request_span()):
@@ -65,40 +69,69 @@ def _variants(other: Any, rev: str) -> list[Variant]:
             await asyncio.sleep(0)
             return now() - t0
 
-    return [Variant(BARE, bare, N), *_both(other, rev, asyncio.Event, partial(asyncio.sleep, 0))]
+    settle = partial(asyncio.sleep, 0)
+    return [Variant(BARE, bare, N), *_both(other, rev, asyncio.Event, settle, shapes)]
+
+
+#: The shapes in which a spawn's vars are passed, by ``--vars`` name: the suffix of the row names
+#: (the tuple's rows keep the plain names) and the ``vars=`` argument (None: registered instead).
+SHAPES: dict[str, tuple[str, tuple[Any, ...] | list[Any] | None]] = {
+    "tuple": ("", VARS),
+    "list": (", vars list", VARS_LIST),
+    "registered": (", registered vars", None),
+}
 
 
 def _both(
-    other: Any, rev: str, event: Callable[[], Any], settle: Callable[[], Awaitable[None]]
+    other: Any,
+    rev: str,
+    event: Callable[[], Any],
+    settle: Callable[[], Awaitable[None]],
+    shapes: Sequence[str] = tuple(SHAPES),
 ) -> list[Variant]:
-    """ctxkit at ``rev`` and here, with both limits: the four compared variants.
+    """ctxkit at ``rev`` and here, with both limits and each of ``shapes``: the compared variants.
 
     ``event``: the backend's event class; ``settle``: what lets the last task's end go through.
     """
 
-    def spawning(name: str, module: Any, limit: int | None, ref: str | None) -> Variant:
+    def spawning(name: str, module: Any, limit: int | None, shape: str, ref: str | None) -> Variant:
+        vars = SHAPES[shape][1]
+
         async def run() -> int:
             batch = Batch(N, event())
-            async with module.BackgroundRunner(limit=limit):
-                with trace.use_span(request_span()):
-                    t0 = now()
-                    for _ in range(N):
-                        module.spawn(tick(batch), span=False, vars=VARS)
-                    await batch.done.wait()
-                    await settle()
-                    return now() - t0
+            if vars is None:
+                module.register(*VARS)
+            try:
+                async with module.BackgroundRunner(limit=limit):
+                    with trace.use_span(request_span()):
+                        t0 = now()
+                        if vars is None:
+                            for _ in range(N):
+                                module.spawn(tick(batch), span=False)
+                        else:
+                            for _ in range(N):
+                                module.spawn(tick(batch), span=False, vars=vars)
+                        await batch.done.wait()
+                        await settle()
+                        return now() - t0
+            finally:
+                if vars is None:
+                    module.unregister(*VARS)
 
         return Variant(name, run, N, ref=ref)
 
     variants = []
     for limit in (None, 100):
-        theirs = f"ctxkit at {rev} (limit={limit})"
-        variants.append(spawning(theirs, other, limit, None))
-        variants.append(spawning(f"ctxkit here (limit={limit})", ctxkit, limit, theirs))
+        for shape in shapes:
+            suffix = SHAPES[shape][0]
+            theirs = f"ctxkit at {rev} (limit={limit}){suffix}"
+            variants.append(spawning(theirs, other, limit, shape, None))
+            here = f"ctxkit here (limit={limit}){suffix}"
+            variants.append(spawning(here, ctxkit, limit, shape, theirs))
     return variants
 
 
-def _trio_variants(other: Any, rev: str) -> list[Variant]:
+def _trio_variants(other: Any, rev: str, shapes: Sequence[str]) -> list[Variant]:
     import trio
 
     async def nursery() -> int:
@@ -111,7 +144,8 @@ def _trio_variants(other: Any, rev: str) -> list[Variant]:
             return now() - t0
 
     settle = trio.lowlevel.checkpoint
-    return [Variant(case_trio.NURSERY, nursery, N), *_both(other, rev, trio.Event, settle)]
+    variants = _both(other, rev, trio.Event, settle, shapes)
+    return [Variant(case_trio.NURSERY, nursery, N), *variants]
 
 
 def _clone_variants(other: Any, rev: str) -> list[Variant]:
@@ -157,6 +191,16 @@ def _clone_main(other: Any, rev: str, rounds: int) -> None:
 _NOTE = "vs ref: this checkout's time over the other commit's, same round"
 
 
+def _parse_shapes(text: str) -> list[str]:
+    shapes = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown or not shapes:
+        raise argparse.ArgumentTypeError(
+            f"unknown shape(s) {', '.join(unknown) or repr(text)}; choose from {', '.join(SHAPES)}"
+        )
+    return shapes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.paired")
     parser.add_argument("rev", help="the commit to compare with (anything git archive takes)")
@@ -165,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=("spawn", "trio", "clone"),
         default="spawn",
         help="the shape (default spawn)",
+    )
+    parser.add_argument(
+        "--vars",
+        type=_parse_shapes,
+        default=list(SHAPES),
+        metavar="tuple,list,registered",
+        help="how the spawn and trio shapes pass the 4 vars (default: all three)",
     )
     parser.add_argument("--rounds", type=int, default=21, help="measured rounds (default 21)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the round order")
@@ -176,13 +227,13 @@ def main(argv: list[str] | None = None) -> int:
             shape = f"no span, 4 vars, {N:,} tasks/batch"
             if args.case == "spawn":
                 title = f"ctxkit here vs at {args.rev}, case 1's shape, {shape}"
-                variants = _variants(other, args.rev)
+                variants = _variants(other, args.rev, args.vars)
                 asyncio.run(_burst("paired", title, variants, BARE, args.rounds))
             elif args.case == "trio":
                 import trio
 
                 title = f"ctxkit here vs at {args.rev}, case 7's shape (trio), {shape}"
-                variants = _trio_variants(other, args.rev)
+                variants = _trio_variants(other, args.rev, args.vars)
                 baseline = case_trio.NURSERY
                 trio.run(_burst, "paired-trio", title, variants, baseline, args.rounds)
             else:
