@@ -4,10 +4,15 @@ Both clone the calling context without a span (``clone_without_span``: the selec
 trace, a fake trace id where no span is current) at the moment work is handed over, and run the
 work in a copy of that clone, so a worker thread never runs a job in a context that an earlier
 job left behind or that the thread inherited when it started.
+
+A job handed over already wrapped in a ``Context.run`` (``asyncio.to_thread`` wraps every
+function in ``copy_context().run`` before it reaches the loop's default executor) is unwrapped
+first: the clone replaces that whole context, it does not run inside it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -17,7 +22,7 @@ from ._options import is_async_callable
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
-    from contextvars import Context, ContextVar
+    from contextvars import ContextVar
 
 __all__ = ["ContextExecutor", "bind"]
 
@@ -25,8 +30,41 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def _clone_now(vars: tuple[ContextVar[Any], ...], caller: str) -> Context:
+def _clone_now(vars: tuple[ContextVar[Any], ...], caller: str) -> contextvars.Context:
     return build_clone(plan_for(vars, caller), None)[0]
+
+
+def _is_context_run(fn: object) -> bool:
+    """Tell whether ``fn`` is some context's bound ``run`` method (``ctx.run``)."""
+    return isinstance(getattr(fn, "__self__", None), contextvars.Context) and (
+        getattr(fn, "__name__", None) == "run"
+    )
+
+
+def _without_context_run(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    """Return the call that ``fn(*args, **kwargs)`` makes inside ``Context.run`` wrappers.
+
+    ``ctx.run(f, *a, **k)`` and ``functools.partial(ctx.run, f, *a, **k)(*b, **j)`` (what
+    ``asyncio.to_thread`` submits) both become ``f(*a, *b, **k, **j)``; any other call is
+    returned as it is.
+    """
+    while True:
+        wrapper = fn
+        # Only functools.partial itself: a subclass may call its function differently.
+        if (
+            isinstance(wrapper, functools.partial)
+            and type(wrapper) is functools.partial
+            and _is_context_run(wrapper.func)
+            and wrapper.args
+        ):
+            fn, args = wrapper.args[0], wrapper.args[1:] + args
+            kwargs = {**wrapper.keywords, **kwargs}
+        elif _is_context_run(fn) and args:
+            fn, args = args[0], args[1:]
+        else:
+            return fn, args, kwargs
 
 
 def bind(fn: Callable[P, T], *, vars: Iterable[ContextVar[Any]] = ()) -> Callable[P, T]:
@@ -82,10 +120,16 @@ class ContextExecutor(ThreadPoolExecutor):
         selected ``vars`` and the registered vars, the trace, a fake id where no span is
         current) and runs ``fn`` in that clone on a worker. So ``loop.run_in_executor(
         ContextExecutor(), fn)``, ``asyncio.to_thread`` with it as the loop's default
-        executor, and any ``submit`` keep the caller's trace id and vars; a worker thread never
-        runs a job in a context left by an earlier job or inherited when the thread started.
-        Errors are the futures' as usual (``Future.result()`` raises them). ``shutdown`` shuts
-        down the wrapped executor only if this object created it (``executor=None``).
+        executor, and any ``submit`` keep the caller's trace id and vars, and nothing else; a
+        worker thread never runs a job in a context left by an earlier job or inherited when
+        the thread started. A job already wrapped in a context's ``run`` (``ctx.run`` itself,
+        or a ``functools.partial`` of it: ``asyncio.to_thread`` submits
+        ``partial(copy_context().run, fn, ...)``) is unwrapped, and the function it wraps runs
+        in the clone instead of that context: the clone is the whole context of every job, so
+        an unselected var (a DB session) never reaches a worker. Pass a var in ``vars`` (or
+        register it) to carry it. Errors are the futures' as usual (``Future.result()`` raises
+        them). ``shutdown`` shuts down the wrapped executor only if this object created it
+        (``executor=None``).
 
     Args:
         executor: The executor to hand the jobs to; None makes a thread pool.
@@ -120,9 +164,14 @@ class ContextExecutor(ThreadPoolExecutor):
         return f"<ContextExecutor on {inner} vars={[var.name for var in self._vars]}>"
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        """Schedule ``fn(*args, **kwargs)`` in a clone of the calling context; see the class."""
+        """Schedule ``fn(*args, **kwargs)`` in a clone of the calling context; see the class.
+
+        A ``Context.run`` wrapper around the call (``asyncio.to_thread``'s) is unwrapped: the
+        wrapped function runs in the clone, not in the context the wrapper would switch to.
+        """
         clone = _clone_now(self._vars, "ContextExecutor.submit")
-        job: Callable[[], T] = functools.partial(clone.run, fn, *args, **kwargs)
+        call, call_args, call_kwargs = _without_context_run(fn, args, kwargs)
+        job: Callable[[], T] = functools.partial(clone.run, call, *call_args, **call_kwargs)
         if self._wrapped is not None:
             return self._wrapped.submit(job)
         return super().submit(job)

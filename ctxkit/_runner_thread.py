@@ -4,16 +4,31 @@ A WSGI app (Flask, Django), a CLI or a Celery task body has no event loop, yet h
 need: work that outlives the request, keeps its trace, inherits nothing else and is drained at
 shutdown. This module runs one asyncio loop in a daemon thread, opens a runner in it, and
 shuts it down exactly as ``async with`` would, when asked or at interpreter exit.
+
+The exit-time drain runs as a ``threading`` exit hook (``threading._register_atexit``), not an
+``atexit`` one: those hooks run when the main thread ends, in reverse order of registration,
+before ``concurrent.futures`` shuts its pools down from a hook of the same kind, and long before
+``atexit``. So tasks drained at exit can still use ``loop.run_in_executor``,
+``asyncio.to_thread`` and ``loop.getaddrinfo``. The hook is registered at the first ``start()``,
+after importing ``concurrent.futures``' pool modules, so that it is registered after theirs and
+runs before them whatever the import order of the application.
+
+Threads: ``_alive`` and ``_exit_hook`` are module state touched by ``start()`` and ``stop()`` in
+any thread and by the exit hook; only with ``_alive_lock`` held. A ``RunnerThread``'s
+``_thread`` is set under its ``_lock`` by ``start()``; ``_loop``, ``_stop_event`` and
+``_error`` are written once by its own thread before it sets ``ready``, and read after that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import importlib
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from ._logging import logger
 from ._runner import BackgroundRunner
 
 if TYPE_CHECKING:
@@ -21,8 +36,14 @@ if TYPE_CHECKING:
 
 __all__ = ["RunnerThread"]
 
-#: Started and not yet stopped; stopped (drained) at interpreter exit.
+#: Started and not yet stopped; stopped (drained) at interpreter exit. Only under _alive_lock.
 _alive: weakref.WeakSet[RunnerThread] = weakref.WeakSet()
+#: Which exit hook ``_stop_all`` is registered as, once it is. Only under _alive_lock.
+_exit_hook: str | None = None
+_alive_lock = threading.Lock()
+
+#: The modules that shut their pools down from a ``threading`` exit hook registered at import.
+_POOL_MODULES = ("concurrent.futures.thread", "concurrent.futures.process")
 
 
 class RunnerThread:
@@ -40,9 +61,12 @@ class RunnerThread:
         the block (or ``stop()``) drains and shuts the runner down exactly as leaving
         ``async with BackgroundRunner()`` does (``drain_timeout``, ``cancel_timeout``, the
         summary line, the statistics), then joins the thread. A runner thread never stopped is
-        stopped at interpreter exit (``atexit``), so its tasks are drained then. In a forking
-        server, start it in each worker process after the fork (gunicorn's ``post_fork``),
-        never in the master: a thread does not survive ``fork()``.
+        stopped when the main thread ends, before ``concurrent.futures`` shuts its pools down
+        (and before non-daemon threads are joined), so its tasks are drained then and can still
+        use ``asyncio.to_thread``, ``loop.run_in_executor`` and ``loop.getaddrinfo``; a spawn
+        made after that (from a non-daemon thread) is refused as by any closed runner. In a
+        forking server, start it in each worker process after the fork (gunicorn's
+        ``post_fork``), never in the master: a thread does not survive ``fork()``.
 
     Args:
         **options: ``BackgroundRunner``'s keyword options.
@@ -78,6 +102,8 @@ class RunnerThread:
         with self._lock:
             if self._thread is not None:
                 raise RuntimeError(f"{self!r} was started already; make a new RunnerThread")
+            with _alive_lock:
+                _install_exit_hook()
             ready = threading.Event()
             self._thread = threading.Thread(
                 target=self._main, args=(ready,), name="ctxkit-runner", daemon=True
@@ -86,7 +112,8 @@ class RunnerThread:
         ready.wait()
         if self._error is not None:
             raise RuntimeError(f"{self!r} failed to start") from self._error
-        _alive.add(self)
+        with _alive_lock:
+            _alive.add(self)
         return self._runner
 
     def stop(self, timeout: float | None = None) -> None:
@@ -97,7 +124,8 @@ class RunnerThread:
         that is not running does nothing.
         """
         loop, stop_event, thread = self._loop, self._stop_event, self._thread
-        _alive.discard(self)
+        with _alive_lock:
+            _alive.discard(self)
         if loop is None or stop_event is None or thread is None:
             return
         try:
@@ -136,8 +164,48 @@ class RunnerThread:
             await self._stop_event.wait()
 
 
-@atexit.register
+def _install_exit_hook() -> None:
+    """Register ``_stop_all`` to run at exit before ``concurrent.futures`` shuts down (once).
+
+    ``threading._shutdown`` calls the hooks of ``threading._register_atexit`` in reverse order
+    of registration (CPython 3.9 to 3.14), and each ``concurrent.futures`` pool module
+    registers its own when first imported. Importing them here first puts ``_stop_all`` after
+    them in the list, so it runs before them even when the application imports them later.
+    Where that hook is missing (another Python) or refused (the first ``start()`` came after
+    the main thread ended, from a non-daemon thread), ``atexit`` is the fallback: the drain
+    still happens, after the pools have shut down (no later hook is left). Called with
+    ``_alive_lock`` held.
+    """
+    global _exit_hook
+    if _exit_hook is not None:
+        return
+    for name in _POOL_MODULES:
+        try:
+            importlib.import_module(name)
+        except RuntimeError:  # first imported during shutdown: it refuses to register its hook
+            pass
+        except ImportError:  # pragma: no cover - a Python without multiprocessing
+            pass
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(_stop_all)
+        except RuntimeError:  # threading's shutdown has begun: too late for its hooks
+            pass
+        else:
+            _exit_hook = "threading"
+            return
+    atexit.register(_stop_all)
+    _exit_hook = "atexit"
+
+
 def _stop_all() -> None:
-    """Drain every runner thread nobody stopped (at interpreter exit)."""
-    for runner_thread in list(_alive):
-        runner_thread.stop()
+    """Drain every runner thread nobody stopped (when the main thread ends)."""
+    with _alive_lock:
+        unstopped = list(_alive)
+    for runner_thread in unstopped:
+        try:
+            runner_thread.stop()
+        except Exception:  # pragma: no cover - stop() reports its runner's own troubles
+            # Raised here, it would skip the other exit hooks (concurrent.futures' among them).
+            logger.exception("ctxkit: stopping %r at exit failed", runner_thread)

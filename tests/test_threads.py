@@ -52,6 +52,45 @@ def observe_sync() -> tuple[str | None, str | None, str | None, str]:
     )
 
 
+#: The exit-drain scripts' start: a RunnerThread nobody stops, and a way to wait for its drain.
+EXIT_PRELUDE = """
+import asyncio, logging, socket, sys, threading, time
+import ctxkit
+
+sys.stdout.reconfigure(line_buffering=True)
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+runner = ctxkit.RunnerThread(drain_timeout=30).start()  # never stopped: drained at exit
+started = threading.Event()
+
+async def drain_has_begun():
+    # The drain at exit has begun, so the main thread has ended (polled: no event says so).
+    while runner.accepting:
+        await asyncio.sleep(0.005)
+"""
+
+#: CPython 3.12.0 to 3.12.2 start no thread once the main thread has ended (cpython gh-113964).
+EXIT_DRAIN_STARTS_THREADS = pytest.mark.xfail(
+    (3, 12) <= sys.version_info[:3] < (3, 12, 3),
+    reason="CPython 3.12.0-3.12.2 refuse new threads once the main thread has ended",
+    strict=True,
+)
+
+
+def run_at_exit(tmp_path: Any, body: str) -> list[str]:
+    """Run EXIT_PRELUDE + body in a child interpreter whose main thread ends while the task
+    it spawned still runs; check that the drain finished it and return its output lines."""
+    script = tmp_path / "app.py"
+    epilogue = 'started.wait(10)\nprint("main done")\n'
+    script.write_text(EXIT_PRELUDE + textwrap.dedent(body) + epilogue)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "cannot schedule new futures" not in result.stderr, result.stderr
+    assert "every task finished" in result.stderr, result.stderr
+    return result.stdout.splitlines()
+
+
 class TestSpawnFromAThread:
     """runner.spawn, ctxkit.spawn and decorated calls work from any thread."""
 
@@ -440,6 +479,55 @@ class TestContextExecutor:
         finally:
             executor.shutdown()
 
+    @ASYNCIO_ONLY
+    @pytest.mark.parametrize("call", ["to_thread", "run_in_executor"])
+    @pytest.mark.parametrize("pool", ["own threads", "wrapped pool"])
+    async def test_as_the_default_executor_a_job_sees_the_clone_and_nothing_else(
+        self, call: str, pool: str, tracer_provider: TracerProvider
+    ) -> None:
+        """asyncio.to_thread (which wraps the function in copy_context().run) and
+        run_in_executor(None, fn) run fn in the clone: the selected and registered vars and the
+        trace, but not a var the caller set and did not select (a DB session)."""
+        tenant: contextvars.ContextVar[str] = contextvars.ContextVar("thread_tenant")
+        ctxkit.register(tenant)
+        wrapped = ThreadPoolExecutor() if pool == "wrapped pool" else None
+        executor = ctxkit.ContextExecutor(wrapped, vars=(request_id,))
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(executor)
+
+        def describe(label: str, *, suffix: str) -> tuple[Any, ...]:
+            return (label + suffix, request_id.get(None), tenant.get(None), *observe_sync()[1:3])
+
+        request_id.set("r-default")
+        tenant.set("acme")
+        secret.set("db session")
+        try:
+            with tracer_provider.get_tracer("test").start_as_current_span("request") as span:
+                if call == "to_thread":
+                    seen = await asyncio.to_thread(describe, "job", suffix="!")
+                else:
+                    job = functools.partial(describe, "job", suffix="!")
+                    seen = await loop.run_in_executor(None, job)
+        finally:
+            executor.shutdown()
+            if wrapped is not None:
+                wrapped.shutdown()
+        assert seen == ("job!", "r-default", "acme", None, hex_trace(span))
+
+    def test_a_job_wrapped_in_a_contexts_run_runs_in_the_clone(self) -> None:
+        """submit(ctx.run, fn) and submit(partial(ctx.run, fn)) run fn in the clone made at
+        submit, not in ctx."""
+        request_id.set("r-submit")
+        secret.set("db session")
+        whole = contextvars.copy_context()
+        with ctxkit.ContextExecutor(vars=(request_id,)) as executor:
+            direct = executor.submit(whole.run, observe_sync).result()
+            wrapped = functools.partial(whole.run, observe_sync)
+            partial = executor.submit(wrapped).result()
+            doubly = executor.submit(whole.run, wrapped).result()
+        for rid, hidden, _, _ in (direct, partial, doubly):
+            assert (rid, hidden) == ("r-submit", None)
+
     async def test_anyio_to_thread_keeps_the_context(self) -> None:
         """anyio.to_thread.run_sync copies the caller's context (both backends)."""
         request_id.set("r-anyio")
@@ -562,6 +650,113 @@ class TestRunnerThread:
         )
         assert result.stdout.splitlines() == ["main done", "work finished"]
         assert "every task finished" in result.stderr
+
+    @EXIT_DRAIN_STARTS_THREADS
+    def test_tasks_drained_at_exit_can_use_the_loops_executor(self, tmp_path: Any) -> None:
+        """Tasks drained when the main thread ends still get asyncio.to_thread, getaddrinfo
+        and run_in_executor: the drain runs before concurrent.futures shuts its pools down."""
+        output = run_at_exit(
+            tmp_path,
+            """
+            async def network_client():
+                started.set()
+                await drain_has_begun()
+                loop = asyncio.get_running_loop()
+                infos = await loop.getaddrinfo("localhost", 80)
+                in_thread = await asyncio.to_thread(threading.current_thread)
+                in_executor = await loop.run_in_executor(None, str.upper, "ran")
+                print("to_thread off the loop:", in_thread is not threading.current_thread())
+                print("getaddrinfo:", len(infos) > 0, "run_in_executor:", in_executor)
+
+            ctxkit.spawn(network_client)
+            """,
+        )
+        assert output == [
+            "main done",
+            "to_thread off the loop: True",
+            "getaddrinfo: True run_in_executor: RAN",
+        ]
+
+    @EXIT_DRAIN_STARTS_THREADS
+    def test_plain_functions_drained_at_exit_can_use_a_thread_pool(self, tmp_path: Any) -> None:
+        """A plain function still running in its worker thread when the main thread ends can
+        still submit to a ThreadPoolExecutor."""
+        output = run_at_exit(
+            tmp_path,
+            """
+            from concurrent.futures import ThreadPoolExecutor
+
+            def sync_client():
+                started.set()
+                while runner.accepting:
+                    time.sleep(0.005)
+                with ThreadPoolExecutor(1) as pool:
+                    infos = pool.submit(socket.getaddrinfo, "localhost", 80).result()
+                print("getaddrinfo in a pool:", len(infos) > 0)
+
+            ctxkit.spawn(sync_client)
+            """,
+        )
+        assert output == ["main done", "getaddrinfo in a pool: True"]
+
+    @EXIT_DRAIN_STARTS_THREADS
+    def test_a_pool_module_imported_after_start_shuts_down_after_the_drain(
+        self, tmp_path: Any
+    ) -> None:
+        """The drain runs before every concurrent.futures pool shuts down, whether the app
+        imported the pool's module before ctxkit, after it, or after start()."""
+        output = run_at_exit(
+            tmp_path,
+            """
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor  # after ctxkit and start()
+
+            async def job():
+                started.set()
+                await drain_has_begun()
+                fork = multiprocessing.get_context("fork")
+                with ProcessPoolExecutor(1, mp_context=fork) as pool:
+                    loop = asyncio.get_running_loop()
+                    print("process pool:", await loop.run_in_executor(pool, str.upper, "ran"))
+
+            ctxkit.spawn(job)
+            """,
+        )
+        assert output == ["main done", "process pool: RAN"]
+
+    @EXIT_DRAIN_STARTS_THREADS
+    def test_a_runner_thread_first_started_after_the_main_thread_ended_is_drained(
+        self, tmp_path: Any
+    ) -> None:
+        """Started from a non-daemon thread once the main thread has ended (too late for
+        threading's exit hooks), a runner thread is still drained at interpreter exit."""
+        script = tmp_path / "late.py"
+        script.write_text(
+            textwrap.dedent(
+                """
+                import asyncio, logging, threading, ctxkit
+                logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+                async def work():
+                    await asyncio.sleep(0.05)
+                    print("work finished", flush=True)
+
+                def after_main():
+                    threading.main_thread().join()
+                    ctxkit.RunnerThread().start()
+                    ctxkit.spawn(work)
+
+                threading.Thread(target=after_main).start()
+                print("main done", flush=True)
+                """
+            )
+        )
+        result = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["main done", "work finished"]
+        assert "ctxkit runner shut down, every task finished" in result.stderr, result.stderr
 
 
 def test_spawn_from_a_thread_into_a_trio_runner() -> None:
