@@ -75,7 +75,7 @@ class TestImports:
         """The cycle finder sees a cycle where there is one (so the test above can fail)."""
 
         class Graph:
-            modules = {"a", "b", "c"}
+            modules = frozenset({"a", "b", "c"})
 
             def find_modules_directly_imported_by(self, module: str) -> set[str]:
                 return {"a": {"b"}, "b": {"c"}, "c": {"a"}}[module]
