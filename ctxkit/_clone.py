@@ -145,7 +145,8 @@ class _Plan:
     ``read``, ``fill`` and ``current`` are straight-line code generated for the selection (as
     ``dataclasses`` does for ``__init__``), for every size, with no loop version beside them:
     reading k ContextVars in a Python loop costs several times what k unrolled ``.get()``
-    calls cost, on every spawn (benchmarks/RESULTS.md says what it buys).
+    calls cost, on every spawn (benchmarks/RESULTS.md, "Decisions measured outside the
+    suite").
     """
 
     __slots__ = ("cache", "current", "fill", "read", "registered", "valid_span_context", "vars")

@@ -57,8 +57,8 @@ class AsyncioBackend:
         # task factory is set, ``start`` builds the ``asyncio.Task`` itself (one Python call
         # less per task). A loop class with its own ``create_task`` (uvloop's), a loop whose
         # ``create_task`` was replaced on it, and a patched ``BaseEventLoop.create_task`` (an
-        # APM agent's) are always asked. Decided here, when the runner opens: looking again
-        # on every spawn cost ~3% of case 1 (benchmarks/RESULTS.md, run L).
+        # APM agent's) are always asked. Decided here, when the runner opens, not on every
+        # spawn (benchmarks/RESULTS.md, "Decisions measured outside the suite").
         self._plain_create_task = (
             _BASE_CREATE_TASK is not None
             and type(loop).create_task is _BASE_CREATE_TASK
