@@ -33,7 +33,6 @@ Thread rules (who may touch each mutable field):
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 from collections import deque
@@ -224,7 +223,9 @@ class RunnerCore:
         """
         self.spawned += 1
         if self.enter(task):
-            self.launch(task)
+            refused = self.launch(task)
+            if refused is not None:
+                raise refused
 
     def enter(self, task: BackgroundTask[Any]) -> bool:
         """Count a task as running (True: ``launch`` it now), or queue it while ``limit`` run.
@@ -241,15 +242,15 @@ class RunnerCore:
         self.metrics.wait.record(0.0)
         return True
 
-    def launch(self, task: BackgroundTask[Any]) -> None:
+    def launch(self, task: BackgroundTask[Any]) -> Exception | None:
         """Start a task counted as running, through the backend; keep its cancel handle.
 
         A start that the loop refuses (a task factory of the app raised) ends the task as an
         ERROR with that exception, as any failed task ends (counted, logged, ``on_error``, its
         span), its coroutine closed: so the runner never counts a task that will not run.
 
-        Raises:
-            Exception: What the loop's start raised, after the task has ended so.
+        Returns:
+            None, or the exception the loop refused the task with (the task has ended).
         """
         assert self.backend is not None
         coro = task._coro
@@ -259,13 +260,14 @@ class RunnerCore:
         except Exception as exc:
             coro.close()
             self.finish(task, ERROR, exc)
-            raise
+            return exc
         if native is not None and task._outcome is None:
             # The backend had the cancel handle before the task ran (else it gives it to
             # started()); a cancel made during an eager first step is applied now.
             task._native = native
             if task._flags & _CANCEL_REQUESTED:
                 self.backend.cancel(native, task, coro)
+        return None
 
     def start_queued(self) -> None:
         """Start queued tasks while there is room (on the loop; never re-enters itself).
@@ -290,8 +292,7 @@ class RunnerCore:
                     task._span.add_event("ctxkit.task.started", {"ctxkit.task.wait_s": waited})
                 self.running[task] = True
                 self.metrics.wait.record(waited)
-                with contextlib.suppress(Exception):  # refused, and ended as an error
-                    self.launch(task)
+                self.launch(task)  # if the loop refuses it, it has ended: go on
         finally:
             self.starting = False
 

@@ -87,8 +87,7 @@ def _arrive(core: RunnerCore, task: BackgroundTask[Any]) -> None:
         accepted = core.state == "open" or core.state == "draining"
         start = accepted and core.enter(task)
     if start:
-        with contextlib.suppress(Exception):  # refused by the loop: ended as an error, reported
-            core.launch(task)
+        core.launch(task)  # if the loop refuses it, it has ended as an error, reported
     if accepted:
         return
     # Admitted in its thread just before the shutdown's cancelling began: it never runs, and
