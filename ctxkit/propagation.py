@@ -21,6 +21,7 @@ logger, and the job runs as a new root.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterable, Mapping, MutableMapping
 from contextvars import Context, ContextVar, Token
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -49,6 +50,7 @@ from ._carrier import (
 from ._carrier import _logged as _logged  # tests reset the log-once set through this module
 from ._carrier import _owned_keys as _owned_keys  # contrib.taskiq imports it from here
 from ._clone import as_var_tuple, check_propagation, otel_of, selection
+from ._logging import exception_text
 from ._trace import (
     EMPTY_OTEL_CONTEXT,
     RETRIES,
@@ -133,6 +135,31 @@ def _check_options(max_vars_size: object, propagator: object) -> None:
     if propagator is not None and not isinstance(propagator, TextMapPropagator):
         raise TypeError(
             f"propagator must be an opentelemetry TextMapPropagator or None, got {propagator!r}"
+        )
+
+
+def _mark_error(span: trace.Span, exc: BaseException) -> None:
+    """Set ``span``'s status to ERROR for ``exc``, with ``error.type``, and record ``exc`` on it.
+
+    Also for an exception whose ``__str__`` raises: the status text then holds a stand-in
+    (``exception_text``), and so does the exception event, which the SDK's
+    ``record_exception`` cannot make for such an exception.
+    """
+    text = exception_text(exc)
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {text}"))
+    span.set_attribute("error.type", type(exc).__qualname__)
+    try:
+        span.record_exception(exc)
+    except Exception:  # the SDK formats str(exc) itself
+        module = type(exc).__module__
+        qualname = type(exc).__qualname__
+        span.add_event(
+            "exception",
+            {
+                "exception.type": qualname if module == "builtins" else f"{module}.{qualname}",
+                "exception.message": text,
+                "exception.stacktrace": "".join(traceback.format_exception(exc)),
+            },
         )
 
 
@@ -565,8 +592,15 @@ class ConsumeScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self._end_span(exc):
+        if self._ended or not self._entered:
             return
+        try:
+            self._end_span(exc)
+        finally:  # whatever failed while marking the span, the next job must not see this one
+            self._restore()
+
+    def _restore(self) -> None:
+        """Put back everything ``__enter__`` set, in reverse order."""
         job_token = self._job_token
         if job_token is not None:
             self._job_token = None
@@ -588,18 +622,17 @@ class ConsumeScope:
         for var, var_token in reversed(tokens):
             var.reset(var_token)
 
-    def _end_span(self, exc: BaseException | None) -> bool:
-        """End the span once (ERROR for ``exc``); return False if it had ended already."""
+    def _end_span(self, exc: BaseException | None) -> None:
+        """End the span once, ERROR for ``exc``; it ends whatever fails while marking it."""
         if self._ended or not self._entered:
-            return False
+            return
         self._ended = True
         span = self._span
-        if exc is not None and not isinstance(exc, GeneratorExit):
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            span.record_exception(exc)
-            span.set_attribute("error.type", type(exc).__qualname__)
-        span.end()
-        return True
+        try:
+            if exc is not None and not isinstance(exc, GeneratorExit):
+                _mark_error(span, exc)
+        finally:
+            span.end()
 
     def abandon(self, exc: BaseException | None = None, *, reason: str | None = None) -> None:
         """End the span of a scope that can no longer be left, without restoring anything.

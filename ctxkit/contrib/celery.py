@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
 
 try:
     from celery import current_task
@@ -35,7 +34,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from .._clone import as_var_tuple, check_propagation
 from .._logging import logger
 from .._trace import get_tracer
-from ..propagation import _check_retries, _owned_keys, _selected, consume, extract, inject
+from ..propagation import (
+    _check_retries,
+    _mark_error,
+    _owned_keys,
+    _selected,
+    consume,
+    extract,
+    inject,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -284,12 +291,6 @@ def _run_locally(
     finally:
         otel_context.detach(token)
         span.end()
-
-
-def _mark_error(span: trace.Span, exc: BaseException) -> None:
-    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-    span.record_exception(exc)
-    span.set_attribute("error.type", type(exc).__qualname__)
 
 
 def _attempt(request: Any) -> int:

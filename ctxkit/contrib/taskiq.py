@@ -42,6 +42,7 @@ from ..propagation import (
     ConsumeScope,
     _check_options,
     _check_retries,
+    _mark_error,
     _owned_keys,
     _selected,
     consume,
@@ -91,12 +92,6 @@ class _Send:
 
 #: Sends in flight, by task id: a failing ``kick`` ends its message's span through this.
 _sending: weakref.WeakValueDictionary[str, _Send] = weakref.WeakValueDictionary()
-
-
-def _mark_error(span: trace.Span, exc: BaseException) -> None:
-    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-    span.record_exception(exc)
-    span.set_attribute("error.type", type(exc).__qualname__)
 
 
 def _end_unsent(send: _Send) -> None:
