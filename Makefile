@@ -50,8 +50,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# coverage runs pytest itself: the ctxkit pytest plugin (an entry point) imports ctxkit before
-# pytest-cov would start measuring.
+# coverage runs pytest itself, so that ctxkit's modules imported while pytest starts (by
+# conftest.py and the plugins it loads) are measured from their first line.
 pytest: $(STAMP)
 	$(BIN)/coverage run -m pytest
 	$(BIN)/coverage report

@@ -32,6 +32,7 @@ __all__ = [
     "TaskCancelledError",
     "TaskNotDoneError",
     "TaskTimeoutError",
+    "exception_text",
 ]
 
 
@@ -61,3 +62,15 @@ class TaskTimeoutError(CtxkitError, TimeoutError):
 
 class TaskCancelledError(CtxkitError, asyncio.CancelledError):
     """The awaited background task was cancelled (``cancel()``, shutdown, or from outside)."""
+
+
+def exception_text(exc: BaseException) -> str:
+    """Return ``str(exc)``, or a stand-in when the exception's own ``__str__`` raises.
+
+    The text goes into log lines and span statuses that must be made whatever the task raised:
+    logging would drop a record whose argument cannot be formatted.
+    """
+    try:
+        return str(exc)
+    except Exception:
+        return f"<str() of the {type(exc).__qualname__} raised>"

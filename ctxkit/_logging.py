@@ -7,24 +7,25 @@ from typing import Final
 
 from opentelemetry import trace
 
-from ._trace import fake_trace_id_var, inherited_trace_id_var
+from ._trace import current_trace_id
 
-__all__ = ["TraceIdFilter", "exception_text", "logger"]
+__all__ = ["TraceIdFilter", "current_log_ids", "logger"]
 
 #: The logger every ctxkit report goes to (task failures, shutdown summaries, bad carriers).
 logger: Final = logging.getLogger("ctxkit")
 
 
-def exception_text(exc: BaseException) -> str:
-    """Return ``str(exc)``, or a stand-in when the exception's own ``__str__`` raises.
+def current_log_ids() -> tuple[str, str]:
+    """Return the ``trace_id`` and ``span_id`` that log lines of the current context carry.
 
-    The text goes into log lines and span statuses that must be made whatever the task raised:
-    logging would drop a record whose argument cannot be formatted.
+    The one rule behind ``TraceIdFilter`` and ``ctxkit.contrib.structlog.add_trace_ids``, so
+    stdlib and structlog lines of one request, task or job join: ``trace_id`` is
+    ``current_trace_id()`` and ``span_id`` the current valid span's id (16 lowercase hex), each
+    ``""`` when there is none.
     """
-    try:
-        return str(exc)
-    except Exception:
-        return f"<str() of the {type(exc).__qualname__} raised>"
+    span_context = trace.get_current_span().get_span_context()
+    span_id = f"{span_context.span_id:016x}" if span_context.is_valid else ""
+    return current_trace_id() or "", span_id
 
 
 class TraceIdFilter(logging.Filter):
@@ -42,17 +43,7 @@ class TraceIdFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Add the ids to ``record`` and keep it."""
-        span_context = trace.get_current_span().get_span_context()
-        inherited = inherited_trace_id_var.get(None)
-        if inherited is not None:  # the producer's fake id wins, so both sides' logs join
-            trace_id = inherited
-            span_id = f"{span_context.span_id:016x}" if span_context.is_valid else ""
-        elif span_context.is_valid:
-            trace_id = f"{span_context.trace_id:032x}"
-            span_id = f"{span_context.span_id:016x}"
-        else:
-            trace_id = fake_trace_id_var.get("")
-            span_id = ""
+        trace_id, span_id = current_log_ids()
         if not hasattr(record, "trace_id"):
             record.trace_id = trace_id
         if not hasattr(record, "span_id"):

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 
 from ._clone import check_propagation
-from ._logging import exception_text, logger
+from ._errors import exception_text
+from ._logging import logger
 from ._trace import current_trace_id
 
 if TYPE_CHECKING:

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 from opentelemetry.trace import Status, StatusCode
 
+from ._errors import exception_text
 from ._handle import CANCEL_REQUESTED, TaskFailure, run_callback
-from ._logging import exception_text, logger
+from ._logging import logger
 from ._task import ERROR, OK, TIMEOUT, RunnerStatistics, TaskOutcome
+from ._trace import mark_error
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -111,10 +113,7 @@ def _end_span(
     try:
         span.set_attribute("ctxkit.task.outcome", OUTCOME_VALUES[id(outcome)])
         if exception is not None:
-            text = exception_text(exception)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exception).__name__}: {text}"))
-            span.set_attribute("error.type", type(exception).__qualname__)
-            span.record_exception(exception)
+            mark_error(span, exception)
         elif outcome is TIMEOUT:
             span.set_status(Status(StatusCode.ERROR, f"timed out after {task._timeout}s"))
             span.set_attribute("error.type", "timeout")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import traceback
 import weakref
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Final, Literal
@@ -17,7 +18,9 @@ from typing import TYPE_CHECKING, Final, Literal
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
+from ._errors import exception_text
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -37,6 +40,7 @@ __all__ = [
     "get_tracer",
     "hex_trace_id",
     "inherited_trace_id_var",
+    "mark_error",
     "new_fake_trace_id",
     "start_span",
 ]
@@ -231,3 +235,28 @@ def start_span(
     return tracer.start_span(
         name, context=EMPTY_OTEL_CONTEXT, kind=kind, attributes=attributes, links=linked or None
     )
+
+
+def mark_error(span: trace.Span, exc: BaseException) -> None:
+    """Set ``span``'s status to ERROR for ``exc``, with ``error.type``, and record ``exc`` on it.
+
+    Also for an exception whose ``__str__`` raises: the status text then holds a stand-in
+    (``exception_text``), and so does the exception event, which the SDK's
+    ``record_exception`` cannot make for such an exception.
+    """
+    text = exception_text(exc)
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {text}"))
+    span.set_attribute("error.type", type(exc).__qualname__)
+    try:
+        span.record_exception(exc)
+    except Exception:  # the SDK formats str(exc) itself
+        module = type(exc).__module__
+        qualname = type(exc).__qualname__
+        span.add_event(
+            "exception",
+            {
+                "exception.type": qualname if module == "builtins" else f"{module}.{qualname}",
+                "exception.message": text,
+                "exception.stacktrace": "".join(traceback.format_exception(exc)),
+            },
+        )

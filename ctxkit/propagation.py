@@ -56,6 +56,7 @@ from ._trace import (
     get_tracer,
     hex_trace_id,
     inherited_trace_id_var,
+    mark_error,
     new_fake_trace_id,
     start_span,
 )
@@ -565,8 +566,15 @@ class ConsumeScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self._end_span(exc):
+        if self._ended or not self._entered:
             return
+        try:
+            self._end_span(exc)
+        finally:  # whatever failed while marking the span, the next job must not see this one
+            self._restore()
+
+    def _restore(self) -> None:
+        """Put back everything ``__enter__`` set, in reverse order."""
         job_token = self._job_token
         if job_token is not None:
             self._job_token = None
@@ -588,18 +596,17 @@ class ConsumeScope:
         for var, var_token in reversed(tokens):
             var.reset(var_token)
 
-    def _end_span(self, exc: BaseException | None) -> bool:
-        """End the span once (ERROR for ``exc``); return False if it had ended already."""
+    def _end_span(self, exc: BaseException | None) -> None:
+        """End the span once, ERROR for ``exc``; it ends whatever fails while marking it."""
         if self._ended or not self._entered:
-            return False
+            return
         self._ended = True
         span = self._span
-        if exc is not None and not isinstance(exc, GeneratorExit):
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            span.record_exception(exc)
-            span.set_attribute("error.type", type(exc).__qualname__)
-        span.end()
-        return True
+        try:
+            if exc is not None and not isinstance(exc, GeneratorExit):
+                mark_error(span, exc)
+        finally:
+            span.end()
 
     def abandon(self, exc: BaseException | None = None, *, reason: str | None = None) -> None:
         """End the span of a scope that can no longer be left, without restoring anything.

@@ -388,6 +388,47 @@ class TestWorker:
                 pids_with_a_var.add(observed["pid"])
         assert followed, seen
 
+    def test_exception_without_text_leaks_nothing(self, worker: Worker, producer: Celery) -> None:
+        """A task raising an exception whose __str__ raises: Celery records that exception
+        (not one from ctxkit's span handling), its process span is exported as ERROR, and the
+        next task the same worker process runs without vars sees none of the failed task's."""
+        failures: list[tuple[Any, Any]] = []
+        seen: list[dict[str, Any]] = []
+        # As above: a failing task, then two without a var, so that whether the pool hands
+        # tasks out in turns or to the first idle process, one runs where the failure ran.
+        for index in range(3):
+
+            def fail(index: int = index) -> Any:
+                request_id.set(f"r-unprintable-{index}")
+                return producer.send_task("fail_unprintable")
+
+            failing = contextvars.Context().run(fail)
+            failures.append((failing, result_of(worker, failing, propagate=False)))
+            seen.extend(
+                result_of(worker, contextvars.Context().run(producer.send_task, "observe"))
+                for _ in range(2)
+            )
+        assert [observed["request_id"] for observed in seen] == [None] * len(seen)
+        failed_pids = {error.args[0] for _, error in failures if error.args}
+        assert failed_pids & {observed["pid"] for observed in seen}, (failures, seen)
+        for failing, error in failures:
+            assert failing.state == "FAILURE"
+            assert type(error).__name__ == "Unprintable", worker.log
+            [process] = [
+                s
+                for s in worker.spans("process fail_unprintable")
+                if s["attributes"]["messaging.message.id"] == failing.id
+            ]
+            assert process["status"] == "ERROR"
+            assert process["attributes"]["error.type"] == "Unprintable"
+            assert process["events"] == ["exception"]
+
+            def recorded_failure(task_id: str = failing.id) -> list[dict[str, Any]]:
+                return [f for f in worker.failures() if f["task_id"] == task_id]
+
+            recorded = eventually(recorded_failure)
+            assert recorded == [{"task_id": failing.id, "exception": "Unprintable"}]
+
     def test_garbage_headers_run_as_new_root(
         self, worker: Worker, apps: tuple[Celery, Celery]
     ) -> None:
@@ -478,6 +519,13 @@ class Base(Task):  # type: ignore[misc]
         return super().__call__(*args, **kwargs)
 
 
+class Unprintable(Exception):
+    """An exception whose ``__str__`` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("this exception has no text")
+
+
 @pytest.fixture
 def eager(tracer_provider: TracerProvider) -> Iterator[Celery]:
     app = Celery("eager", broker="memory://", backend="cache+memory://", set_as_current=False)
@@ -499,6 +547,10 @@ def eager(tracer_provider: TracerProvider) -> Iterator[Celery]:
     @app.task(name="eager.fail", shared=False)
     def fail() -> None:
         raise ValueError("eager failure")
+
+    @app.task(name="eager.fail_unprintable", shared=False)
+    def fail_unprintable() -> None:
+        raise Unprintable
 
     instrument(app, vars=(request_id,), tracer_provider=tracer_provider)
     instrument(app, vars=(request_id,), tracer_provider=tracer_provider)  # harmless
@@ -570,6 +622,19 @@ class TestEager:
         [process] = span_exporter.get_finished_spans()
         assert process.status.status_code is StatusCode.ERROR
         assert (process.attributes or {})["error.type"] == "ValueError"
+
+    def test_eager_exception_without_text(
+        self, eager: Celery, span_exporter: InMemorySpanExporter
+    ) -> None:
+        """An exception whose __str__ raises reaches the caller as itself, and the span is
+        ERROR with a stand-in text."""
+        with pytest.raises(Unprintable):
+            eager.tasks["eager.fail_unprintable"]()
+        [process] = span_exporter.get_finished_spans()
+        assert process.status.status_code is StatusCode.ERROR
+        assert process.status.description == "Unprintable: <str() of the Unprintable raised>"
+        assert (process.attributes or {})["error.type"] == "Unprintable"
+        assert [event.name for event in process.events] == ["exception"]
 
     def test_arguments_are_checked(self, eager: Celery) -> None:
         """Bad options raise at once."""

@@ -296,9 +296,9 @@ def test_the_tutorial_app_and_its_test(pytester: pytest.Pytester) -> None:
     )
     args = ["-p", "no:cacheprovider"]
     if not any(
-        entry_point.value == "ctxkit._pytest_plugin"
+        entry_point.value == "_ctxkit_pytestplugin"
         for entry_point in importlib.metadata.entry_points(group="pytest11")
     ):
-        args += ["-p", "ctxkit._pytest_plugin"]
+        args += ["-p", "_ctxkit_pytestplugin"]
     result = pytester.runpytest_subprocess(*args)
     result.assert_outcomes(passed=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -26,9 +27,13 @@ TOOLS = frozenset(
 UNTESTED_EXTRAS = frozenset({"bench", "docs"})
 
 
-def _project() -> dict[str, object]:
+def _pyproject() -> dict[str, Any]:
     with (ROOT / "pyproject.toml").open("rb") as f:
-        project = tomllib.load(f)["project"]
+        return tomllib.load(f)
+
+
+def _project() -> dict[str, object]:
+    project = _pyproject()["project"]
     assert isinstance(project, dict)
     return project
 
@@ -121,3 +126,14 @@ class TestDistribution:
         assert offenders == []
         readme = (ROOT / "README.md").read_text()
         assert f"pip install {DISTRIBUTION}" in readme
+
+    def test_the_pytest_plugin_module_is_shipped(self) -> None:
+        """The pytest11 entry point names a top-level module (outside the ctxkit package, so
+        that loading it imports nothing of ctxkit) that the wheel and the sdist both ship."""
+        pyproject = _pyproject()
+        [module] = pyproject["project"]["entry-points"]["pytest11"].values()
+        assert "." not in module
+        assert (ROOT / f"{module}.py").is_file()
+        targets = pyproject["tool"]["hatch"]["build"]["targets"]
+        assert f"{module}.py" in targets["wheel"]["only-include"]
+        assert f"{module}.py" in targets["sdist"]["include"]

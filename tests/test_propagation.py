@@ -672,6 +672,13 @@ class TestMalformed:
 # --- consume -------------------------------------------------------------------------------------
 
 
+class Unprintable(Exception):
+    """An exception whose ``__str__`` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("this exception has no text")
+
+
 def carrier_from_request(tracer_provider: TracerProvider) -> tuple[dict[str, Any], trace.Span]:
     """Return the carrier a request would send, and the request's span."""
     ctx = contextvars.Context()
@@ -790,6 +797,49 @@ class TestConsume:
         [process] = span_exporter.get_finished_spans()
         assert process.status.status_code is StatusCode.ERROR
         assert (process.attributes or {})["error.type"] == "ValueError"
+
+    @pytest.mark.parametrize("propagation_mode", ["child", "link"])
+    def test_exception_without_text(
+        self,
+        tracer_provider: TracerProvider,
+        span_exporter: InMemorySpanExporter,
+        propagation_mode: Propagation,
+    ) -> None:
+        """An exception whose __str__ raises still propagates as itself, the span is exported
+        as ERROR with a stand-in text and the exception event, and the vars, the span and the
+        inherited fake trace id are all put back."""
+        carrier, _ = carrier_from_request(tracer_provider)
+        fake = "ab" * 16
+        before = otel_context.get_current()
+        seen: list[object] = []
+
+        def job() -> None:
+            with consume(
+                {**carrier, "traceparent": "garbage", "ctxkit-trace-id": fake},
+                "emails",
+                vars=(request_id,),
+                propagation=propagation_mode,
+                tracer_provider=tracer_provider,
+            ):
+                seen.append(request_id.get())
+                raise Unprintable
+
+        with pytest.raises(Unprintable):
+            job()
+        assert seen == ["r-1"]
+        assert request_id.get(MISSING) is MISSING
+        assert otel_context.get_current() is before
+        assert ctxkit.current_trace_id() is None
+        [process] = [s for s in span_exporter.get_finished_spans() if s.name == "process emails"]
+        assert process.status.status_code is StatusCode.ERROR
+        assert process.status.description == "Unprintable: <str() of the Unprintable raised>"
+        assert (process.attributes or {})["error.type"] == "Unprintable"
+        [event] = process.events
+        assert event.name == "exception"
+        attributes = dict(event.attributes or {})
+        assert attributes["exception.type"] == f"{__name__}.Unprintable"
+        assert attributes["exception.message"] == "<str() of the Unprintable raised>"
+        assert "raise Unprintable" in str(attributes["exception.stacktrace"])
 
     @pytest.mark.parametrize("propagation_mode", ["child", "link", "none"])
     def test_no_op_tracing(self, propagation_mode: Propagation) -> None:

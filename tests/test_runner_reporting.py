@@ -182,10 +182,16 @@ class TestUnprintableError:
         (span,) = [s for s in span_exporter.get_finished_spans() if s.name == "fails"]
         assert span.status.status_code is StatusCode.ERROR
         assert span.status.description == "_Unprintable: <str() of the _Unprintable raised>"
+        (event,) = [e for e in span.events if e.name == "exception"]
+        assert event.attributes is not None
+        assert event.attributes["exception.message"] == "<str() of the _Unprintable raised>"
+        assert "raise _Unprintable" in str(event.attributes["exception.stacktrace"])
+        messages = ctxkit_messages(caplog, logging.ERROR)
         assert any(
             m.startswith("background task 'fails' failed: _Unprintable: <str() of the")
-            for m in ctxkit_messages(caplog, logging.ERROR)
+            for m in messages
         )
+        assert not [m for m in messages if m.startswith("ending the span")]
 
 
 class TestErrorHook:

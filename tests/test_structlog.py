@@ -16,6 +16,7 @@ import structlog
 from structlog.testing import CapturingLogger
 
 import ctxkit
+from ctxkit import propagation
 from ctxkit.contrib.structlog import add_trace_ids
 
 if TYPE_CHECKING:
@@ -27,6 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def process() -> EventDict:
     return add_trace_ids(None, "info", {"event": "hello"})
+
+
+class Recording(logging.Handler):
+    """A handler that keeps the records it is handed (after its filters)."""
+
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__()
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def filtered() -> tuple[str, str]:
@@ -86,6 +98,36 @@ class TestAddTraceIds:
         assert in_request["trace_id"] == in_task["trace_id"] == handle.trace_id
         assert in_request["span_id"] == f"{request.get_span_context().span_id:016x}"
         assert in_task["span_id"] == f"{handle.span_context.span_id:016x}"
+
+    def test_a_consumed_job_of_a_producer_with_a_fake_trace_id(
+        self, tracer_provider: TracerProvider
+    ) -> None:
+        """In consume() of a job whose producer had only a fake trace id, structlog events and
+        stdlib records (TraceIdFilter) carry the same ids: the producer's fake trace id, which
+        joins them to the producer's lines, and the consumer span's id."""
+        producer = ctxkit.clone_without_span()
+        fake = producer.run(ctxkit.current_trace_id)
+        assert fake is not None
+        carrier: dict[str, str] = producer.run(propagation.inject, {})
+        capture = CapturingLogger()
+        logger = structlog.wrap_logger(capture, processors=[add_trace_ids])
+        records: list[logging.LogRecord] = []
+        handler = Recording(records)
+        handler.addFilter(ctxkit.TraceIdFilter())
+        stdlib_logger = logging.getLogger("test_ctxkit_structlog_consume")
+        stdlib_logger.propagate = False
+        stdlib_logger.addHandler(handler)
+        try:
+            with propagation.consume(carrier, "jobs", tracer_provider=tracer_provider) as span:
+                logger.info("from structlog")
+                stdlib_logger.warning("from stdlib")
+        finally:
+            stdlib_logger.removeHandler(handler)
+        [event] = capture.calls
+        [record] = records
+        span_id = f"{span.get_span_context().span_id:016x}"
+        assert (event.kwargs["trace_id"], event.kwargs["span_id"]) == (fake, span_id)
+        assert (record.__dict__["trace_id"], record.__dict__["span_id"]) == (fake, span_id)
 
     def test_in_the_foreign_pre_chain_of_processor_formatter(
         self, tracer_provider: TracerProvider

@@ -449,6 +449,46 @@ class TestInMemory:
         assert process.parent is not None
         assert process.parent.span_id == hex_span_id(spans["send observe"])
 
+    @pytest.mark.asyncio
+    async def test_exception_without_text(
+        self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
+    ) -> None:
+        """A task raising an exception whose __str__ raises, run in the kicker's own task: the
+        result holds that exception, the process span is exported as ERROR, and the kicker's
+        span and vars are exactly as before."""
+        broker = InMemoryBroker(await_inplace=True).with_middlewares(
+            CtxkitMiddleware(vars=(request_id,), tracer_provider=tracer_provider)
+        )
+
+        @broker.task(task_name="fail_unprintable")
+        async def fail_unprintable() -> None:
+            raise Unprintable
+
+        await broker.startup()
+        try:
+            with tracer_provider.get_tracer("test").start_as_current_span("request") as request:
+                request_id.set("r-5")
+                task = await fail_unprintable.kiq()
+                assert trace.get_current_span() is request
+                assert request_id.get() == "r-5"
+            result = await task.wait_result(timeout=TIMEOUT)
+        finally:
+            await broker.shutdown()
+        assert result.is_err
+        assert isinstance(result.error, Unprintable)
+        process = one_finished(span_exporter, "process fail_unprintable")
+        assert process.status.status_code is StatusCode.ERROR
+        assert process.status.description == "Unprintable: <str() of the Unprintable raised>"
+        assert (process.attributes or {})["error.type"] == "Unprintable"
+        assert [event.name for event in process.events] == ["exception"]
+
+
+class Unprintable(Exception):
+    """An exception whose ``__str__`` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("this exception has no text")
+
 
 # --- failing neighbours: every span ctxkit starts ends exactly once ----------------------------
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import re
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -296,12 +298,25 @@ filterwarnings = error
 """
 
 
+#: The module of the ``pytest11`` entry point pyproject.toml declares.
+PLUGIN = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][
+    "pytest11"
+]["ctxkit"]
+
+
 def plugin_args() -> list[str]:
     """Load the plugin explicitly when the installed metadata predates its entry point."""
     for entry_point in importlib.metadata.entry_points(group="pytest11"):
-        if entry_point.value == "ctxkit._pytest_plugin":
+        if entry_point.value == PLUGIN:
             return ["-p", "no:cacheprovider"]
-    return ["-p", "no:cacheprovider", "-p", "ctxkit._pytest_plugin"]
+    return ["-p", "no:cacheprovider", "-p", "no:ctxkit", "-p", PLUGIN]
+
+
+#: Prints the top-level ctxkit and opentelemetry modules imported so far, as JSON.
+IMPORTED = (
+    "import json, sys; print(json.dumps(sorted({name.split('.')[0] for name in sys.modules} "
+    "& {'ctxkit', 'opentelemetry'})))"
+)
 
 
 def docs_examples() -> dict[str, str]:
@@ -320,7 +335,58 @@ class TestPlugin:
     def test_is_declared_as_the_ctxkit_entry_point(self) -> None:
         """pyproject.toml declares the plugin under pytest11, so installing ctxkit loads it."""
         project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-        assert project["entry-points"]["pytest11"] == {"ctxkit": "ctxkit._pytest_plugin"}
+        assert project["entry-points"]["pytest11"] == {"ctxkit": "_ctxkit_pytestplugin"}
+
+    def test_loading_it_imports_neither_ctxkit_nor_opentelemetry(self) -> None:
+        """pytest loads the entry point's module in every run of every project where ctxkit is
+        installed: importing it, in a fresh interpreter, imports nothing of ctxkit or
+        OpenTelemetry."""
+        code = f"import {PLUGIN}; {IMPORTED}"
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert json.loads(result.stdout) == []
+
+    def test_a_run_imports_ctxkit_only_when_a_fixture_is_used(self, inner: pytest.Pytester) -> None:
+        """In a pytest run with the plugin loaded, a test that uses no ctxkit fixture finds
+        ctxkit and OpenTelemetry not imported; a later test's ctxkit_spans imports them."""
+        inner.makepyfile(
+            """
+            import sys
+
+            def imported():
+                modules = {name.split(".")[0] for name in sys.modules}
+                return sorted(modules & {"ctxkit", "opentelemetry"})
+
+            def test_first_without_fixtures():
+                assert imported() == []
+
+            def test_then_with_a_fixture(ctxkit_spans):
+                assert ctxkit_spans.spans == []
+                assert imported() == ["ctxkit", "opentelemetry"]
+            """
+        )
+        inner.runpytest_subprocess(*plugin_args()).assert_outcomes(passed=2)
+
+    def test_the_former_module_still_loads_the_plugin(self, inner: pytest.Pytester) -> None:
+        """``-p ctxkit._pytest_plugin`` (the plugin's former home) still gives the fixtures."""
+        inner.makepyfile(
+            """
+            import pytest
+
+            @pytest.mark.ctxkit(drain_timeout=1.0)
+            @pytest.mark.anyio
+            async def test_it(ctxkit_runner, ctxkit_spans):
+                assert ctxkit_spans.spans == []
+            """
+        )
+        args = ["-p", "no:cacheprovider", "-p", "no:ctxkit", "-p", "ctxkit._pytest_plugin"]
+        inner.runpytest(*args).assert_outcomes(passed=2)
 
     def test_docs_example_under_anyio_on_both_backends(self, inner: pytest.Pytester) -> None:
         """The anyio example of docs/testing.md passes on asyncio and on trio."""

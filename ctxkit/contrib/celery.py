@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
 
 try:
     from celery import current_task
@@ -34,8 +33,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from .._clone import as_var_tuple, check_propagation
 from .._logging import logger
-from .._trace import get_tracer
-from ..propagation import _check_retries, _owned_keys, _selected, consume, extract, inject
+from .._trace import get_tracer, mark_error
+from ..propagation import (
+    _check_retries,
+    _owned_keys,
+    _selected,
+    consume,
+    extract,
+    inject,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -279,17 +285,11 @@ def _run_locally(
     except BaseException as exc:
         error = _error_of(exc)
         if error is not None:
-            _mark_error(span, error)
+            mark_error(span, error)
         raise
     finally:
         otel_context.detach(token)
         span.end()
-
-
-def _mark_error(span: trace.Span, exc: BaseException) -> None:
-    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-    span.record_exception(exc)
-    span.set_attribute("error.type", type(exc).__qualname__)
 
 
 def _attempt(request: Any) -> int:
@@ -403,7 +403,7 @@ def _publish(
         finally:
             otel_context.detach(token)
     except BaseException as exc:
-        _mark_error(span, exc)
+        mark_error(span, exc)
         raise
     finally:
         span.end()

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from opentelemetry import trace
-
 try:
     import structlog  # noqa: F401 - fail early, with the extra to install
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -33,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         'pip install "ctxkit-async[structlog]"'
     ) from exc
 
-from .._trace import current_trace_id
+from .._logging import current_log_ids
 
 if TYPE_CHECKING:
     from structlog.typing import EventDict, WrappedLogger
@@ -44,11 +42,12 @@ __all__ = ["add_trace_ids"]
 def add_trace_ids(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
     """Add ``trace_id`` and ``span_id`` of the logging context to the event (a processor).
 
-    The values are those ``ctxkit.TraceIdFilter`` puts on stdlib log records, so structlog
-    and stdlib log lines of one request or background task share their ids: ``trace_id`` is
-    ``ctxkit.current_trace_id()`` (the current valid span's trace id, else the fake trace id
-    of a ctxkit clone) and ``span_id`` the current valid span's id, each ``""`` when there is
-    none. An event that already has a ``trace_id`` key is left as it is.
+    The values are those ``ctxkit.TraceIdFilter`` puts on stdlib log records (one shared
+    rule), so structlog and stdlib log lines of one request, background task or consumed job
+    share their ids: ``trace_id`` is ``ctxkit.current_trace_id()`` (the fake trace id of a
+    consumed job's producer that had no span, else the current valid span's trace id, else the
+    fake trace id of a ctxkit clone) and ``span_id`` the current valid span's id, each ``""``
+    when there is none. An event that already has a ``trace_id`` key is left as it is.
 
     Args:
         logger: The wrapped logger (unused).
@@ -60,11 +59,5 @@ def add_trace_ids(logger: WrappedLogger, method_name: str, event_dict: EventDict
     """
     if "trace_id" in event_dict:
         return event_dict
-    span_context = trace.get_current_span().get_span_context()
-    if span_context.is_valid:
-        event_dict["trace_id"] = f"{span_context.trace_id:032x}"
-        event_dict["span_id"] = f"{span_context.span_id:016x}"
-    else:
-        event_dict["trace_id"] = current_trace_id() or ""
-        event_dict["span_id"] = ""
+    event_dict["trace_id"], event_dict["span_id"] = current_log_ids()
     return event_dict

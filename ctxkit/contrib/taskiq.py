@@ -36,7 +36,7 @@ else:
 
 from .._clone import as_var_tuple, check_propagation
 from .._logging import logger
-from .._trace import get_tracer
+from .._trace import get_tracer, mark_error
 from ..propagation import (
     MAX_VARS_SIZE,
     ConsumeScope,
@@ -82,7 +82,7 @@ class _Send:
         if span is None:
             return
         if exc is not None:
-            _mark_error(span, exc)
+            mark_error(span, exc)
         elif description is not None:
             span.set_status(Status(StatusCode.ERROR, description))
             span.set_attribute("error.type", "_OTHER")
@@ -91,12 +91,6 @@ class _Send:
 
 #: Sends in flight, by task id: a failing ``kick`` ends its message's span through this.
 _sending: weakref.WeakValueDictionary[str, _Send] = weakref.WeakValueDictionary()
-
-
-def _mark_error(span: trace.Span, exc: BaseException) -> None:
-    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-    span.record_exception(exc)
-    span.set_attribute("error.type", type(exc).__qualname__)
 
 
 def _end_unsent(send: _Send) -> None:
@@ -261,7 +255,7 @@ class CtxkitMiddleware(TaskiqMiddleware):
                 message_id=message.task_id,
             )
         except BaseException as exc:
-            _mark_error(span, exc)
+            mark_error(span, exc)
             span.end()
             raise
         types: dict[str, int] | None = getattr(message, "labels_types", None)

@@ -92,6 +92,19 @@ def fail() -> None:
     raise RuntimeError(f"task failed for {request_id.get('?')}")
 
 
+class Unprintable(Exception):
+    """An exception whose ``__str__`` raises: its args are the pid of the process that raised."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("this exception has no text")
+
+
+@app.task(name="fail_unprintable")
+def fail_unprintable() -> None:
+    """Raise an exception that cannot be turned into text."""
+    raise Unprintable(os.getpid())
+
+
 @app.task(name="flaky", bind=True, max_retries=5)
 def flaky(self: Any, key: str) -> dict[str, object]:
     """Fail the first two runs for ``key`` with self.retry(), then return what it sees."""
