@@ -24,7 +24,8 @@ Thread rules (who may touch each mutable field):
 - ``lock`` guards ``inbound``, ``thread_spawned`` and ``rejected`` (other threads change them),
   and every change of ``state`` away from ``"open"`` (a thread admits only while it is open).
 - Every other mutable field (``running``, ``pending``, ``pending_count``, ``waiters``, the
-  outcome counters, ``spawned``, ``starting``, ``torn_down``) and every handle's fields are
+  outcome counters, ``spawned``, ``starting``, ``torn_down``, the metric ``counts``) and every
+  handle's fields are
   touched on the runner's loop only, in its thread. Other threads only read them, for the
   snapshots of ``statistics()`` and ``tasks()``, copying a container before iterating it.
 - ``backend``, ``owner``, ``current_owner`` and ``implicit`` are written once, when the runner
@@ -43,6 +44,7 @@ import anyio
 
 from ._errors import RunnerFullError
 from ._handle import CANCEL_REQUESTED, BackgroundTask
+from ._metrics import Counts
 from ._reporting import OUTCOME_VALUES, log_teardown, report
 from ._task import CANCELLED, ERROR, OK, TIMEOUT, RunnerStatistics, TaskInfo, TaskOutcome
 
@@ -81,6 +83,9 @@ class RunnerCore:
         self.pending_limit: Final = pending_limit
         self.tracer: Final = tracer
         self.metrics: Final = metrics
+        #: This runner's counts of finished tasks, by outcome and name (the loop's only).
+        self.counts: Final = Counts(metrics)
+        self._tallies: Final = self.counts.by_outcome
         self.on_error: Final = on_error
         self.state: State = "new"
         self.backend: Backend | None = None
@@ -332,10 +337,12 @@ class RunnerCore:
             self.timeouts += 1
         else:
             self.cancelled += 1
-        metrics = self.metrics
-        attributes = metrics.count_finished(task.name, OUTCOME_VALUES[id(outcome)])
+        value_name = OUTCOME_VALUES[id(outcome)]
+        name = task.name
+        tally = self._tallies[value_name].get(name) or self.counts.tally(name, value_name)
+        tally.finished += 1
         if ran:
-            metrics.duration.record(perf_counter() - task._started_at, attributes)
+            self.metrics.duration.record(perf_counter() - task._started_at, tally.attributes)
         if task._on_done is not None:
             for waiter in task._on_done:
                 if isinstance(waiter, anyio.Event):

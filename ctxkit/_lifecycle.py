@@ -40,7 +40,7 @@ def open_core(core: RunnerCore, *, implicit: bool) -> None:
     core.current_owner = backend.current_owner
     core.implicit = implicit
     core.state = "open"
-    core.metrics.watch(core.runner)
+    core.metrics.watch(core.runner, core.counts)
 
 
 def own_task(core: RunnerCore) -> BackgroundTask[Any] | None:

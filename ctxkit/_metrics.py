@@ -13,18 +13,23 @@
   task that started at spawn).
 
 The first three are observed at collection time (a callback, run on the metric reader's
-thread): the gauges from the runners that use the meter, the finished counter from the
-counts the runners keep per series (a ``Series``, shared by every runner of the meter, never
-decreasing). So they export exactly as synchronous instruments would, but finishing a task
+thread): the gauges from the runners that use the meter, the finished counter from the counts
+the runners keep. So they export exactly as synchronous instruments would, but finishing a task
 costs an integer increment instead of a metric call. The other three are recorded as things
 happen.
 
 Thread rules: the runners of one meter may run on several loops and threads (a
 ``RunnerThread`` beside the app's loop), and the metric reader calls back on a thread of its
-own. An ``Instruments``' ``lock`` guards its series' ``finished`` counts and its maps of series
-and names: ``count_finished`` and ``series`` take it, and so do the callbacks that read them.
-The map of watched runners is changed by ``watch`` and by a weak reference's callback (one
-dict store or pop each, under the same lock) and copied under it by the gauges' callbacks.
+own. So no count is written by two threads:
+
+- Each runner owns a ``Counts``: its per-series counts of finished tasks, written only on that
+  runner's loop (``Counts.count``, with no lock on that path). The reader's callback reads them
+  (each an int, read whole) from a copy of each map, taken as one operation.
+- An ``Instruments``' ``lock`` guards everything else that several threads change: the shared
+  ``Series`` (made once per name and outcome, and their ``retired`` totals), the set of names,
+  and the map of watched runners. When a runner is garbage-collected (nothing writes its counts
+  any more), its counts are added to the ``retired`` totals under the lock, so the counter
+  never goes down.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ if TYPE_CHECKING:
 
     from ._task import RunnerView
 
-__all__ = ["Instruments", "Series", "instruments_for"]
+__all__ = ["Counts", "Instruments", "Series", "Tally", "instruments_for"]
 
 _NAME: Final = "ctxkit"
 #: Distinct task names a meter records; later names fold into ``OVERFLOW_NAME``.
@@ -54,16 +59,59 @@ OVERFLOW_NAME: Final = "ctxkit.other"
 class Series:
     """One series of ``ctxkit.tasks.finished`` and ``ctxkit.task.duration``: a name and outcome.
 
-    ``attributes`` is shared and never mutated; ``finished`` counts the tasks that ended so,
-    in every runner of the meter (the finished counter observes it), changed and read under
-    the lock of the ``Instruments`` it belongs to.
+    Shared by every runner of the meter. ``attributes`` is never mutated; ``retired`` counts
+    the tasks that ended so in runners since collected (changed and read under the lock of the
+    ``Instruments`` it belongs to).
     """
 
-    __slots__ = ("attributes", "finished")
+    __slots__ = ("attributes", "retired")
 
     def __init__(self, name: str, outcome: str) -> None:
         self.attributes: Final = {"ctxkit.task.name": name, "ctxkit.task.outcome": outcome}
+        self.retired = 0
+
+
+class Tally:
+    """One runner's count of one ``Series``: written only on the runner's loop."""
+
+    __slots__ = ("attributes", "finished", "series")
+
+    def __init__(self, series: Series) -> None:
+        self.series: Final = series
+        self.attributes: Final = series.attributes
         self.finished = 0
+
+
+class Counts:
+    """The finished tasks of one runner, by task name and outcome (see the thread rules).
+
+    ``by_outcome`` maps an outcome and a task name to its ``Tally``; only the runner's loop
+    adds to it (through ``tally``) and counts (``Tally.finished += 1``).
+    """
+
+    __slots__ = ("_instruments", "by_outcome")
+
+    def __init__(self, instruments: Instruments) -> None:
+        self._instruments = instruments
+        self.by_outcome: Final[dict[str, dict[str, Tally]]] = {outcome: {} for outcome in OUTCOMES}
+
+    def tally(self, name: str, outcome: str) -> Tally:
+        """Return this runner's tally of a task name and outcome (made on first use)."""
+        by_name = self.by_outcome[outcome]
+        tally = by_name.get(name)
+        if tally is None:
+            series = self._instruments.series(name, outcome)
+            # Names past the bound share the overflow series: one tally of it per name seen.
+            tally = by_name[name] = Tally(series)
+        return tally
+
+    def tallies(self) -> list[Tally]:
+        """Return every tally (from any thread: each map is copied in one operation)."""
+        return [tally for by_name in self.by_outcome.values() for tally in by_name.copy().values()]
+
+
+#: The outcomes a task ends with, as metric attribute values.
+OUTCOMES: Final = ("ok", "error", "timeout", "cancelled")
 
 
 class Instruments:
@@ -74,7 +122,7 @@ class Instruments:
         "_names",
         "_overflow",
         "_runners",
-        "by_outcome",
+        "_series",
         "duration",
         "lock",
         "rejected",
@@ -82,32 +130,29 @@ class Instruments:
     )
 
     def __init__(self, meter: metrics.Meter) -> None:
-        #: Guards the series' counts, the maps of series and names, and the watched runners.
-        self.lock = lock = threading.Lock()
-        # Runners whose tasks the gauges count, by id (weak: a dropped runner counts no more).
-        self._runners: dict[int, weakref.ref[RunnerView]] = {}
-        runners = self._runners
+        #: Guards the series, the set of names and the watched runners (see the thread rules).
+        self.lock = threading.Lock()
+        #: Runners whose tasks the instruments count, by id, with their counts (weak: a
+        #: collected runner's counts are retired).
+        self._runners: dict[int, tuple[weakref.ref[RunnerView], Counts]] = {}
         meter.create_observable_up_down_counter(
             "ctxkit.tasks.active",
-            callbacks=[lambda options: _observe(runners, lock, "running")],
+            callbacks=[lambda options: self._observe("running")],
             unit="{task}",
             description="Background tasks running now",
         )
         meter.create_observable_up_down_counter(
             "ctxkit.tasks.pending",
-            callbacks=[lambda options: _observe(runners, lock, "pending")],
+            callbacks=[lambda options: self._observe("pending")],
             unit="{task}",
             description="Background tasks waiting for a free slot",
         )
         #: Outcome -> task name -> its series (the overflow series are not in it).
-        self.by_outcome: dict[str, dict[str, Series]] = {
-            outcome: {} for outcome in ("ok", "error", "timeout", "cancelled")
-        }
-        self._overflow = {outcome: Series(OVERFLOW_NAME, outcome) for outcome in self.by_outcome}
-        by_outcome, overflow = self.by_outcome, self._overflow
+        self._series: dict[str, dict[str, Series]] = {outcome: {} for outcome in OUTCOMES}
+        self._overflow = {outcome: Series(OVERFLOW_NAME, outcome) for outcome in OUTCOMES}
         meter.create_observable_counter(
             "ctxkit.tasks.finished",
-            callbacks=[lambda options: _observe_finished(by_outcome, overflow, lock)],
+            callbacks=[lambda options: self._observe_finished()],
             unit="{task}",
             description="Background tasks that ended",
         )
@@ -127,74 +172,71 @@ class Instruments:
         #: The task names recorded so far (at most ``MAX_TASK_NAMES``).
         self._names: set[str] = set()
 
-    def count_finished(self, name: str, outcome: str) -> dict[str, str]:
-        """Count a task of ``name`` that ended with ``outcome``; return its series' attributes."""
-        with self.lock:
-            series = self.by_outcome[outcome].get(name) or self._new_series(name, outcome)
-            series.finished += 1
-        return series.attributes
-
     def series(self, name: str, outcome: str) -> Series:
-        """Return the series of a task name and outcome (made on first use); see ``_new_series``."""
-        with self.lock:
-            return self.by_outcome[outcome].get(name) or self._new_series(name, outcome)
-
-    def _new_series(self, name: str, outcome: str) -> Series:
-        """Make the series of a name and outcome not seen yet (under ``lock``).
+        """Return the series of a task name and outcome (made on first use).
 
         The cardinality is bounded: the first ``MAX_TASK_NAMES`` distinct names are recorded
         as they are; every later one as ``OVERFLOW_NAME`` (a name built per call, such as
         ``f"email-{user_id}"``, would otherwise make a new time series per task).
         """
-        if name not in self._names:
-            if len(self._names) >= MAX_TASK_NAMES:
-                return self._overflow[outcome]
-            self._names.add(name)
-        value = self.by_outcome[outcome][name] = Series(name, outcome)
-        return value
+        with self.lock:
+            by_name = self._series[outcome]
+            series = by_name.get(name)
+            if series is not None:
+                return series
+            if name not in self._names:
+                if len(self._names) >= MAX_TASK_NAMES:
+                    return self._overflow[outcome]
+                self._names.add(name)
+            series = by_name[name] = Series(name, outcome)
+            return series
 
-    def watch(self, runner: RunnerView) -> None:
-        """Count ``runner``'s running and pending tasks in the gauges from now on."""
+    def watch(self, runner: RunnerView, counts: Counts) -> None:
+        """Observe ``runner``'s gauges and its ``counts`` (made from these instruments)."""
         key = id(runner)
-        runners, lock = self._runners, self.lock
 
-        def forget(ref: weakref.ref[RunnerView]) -> None:
-            with lock:
-                if runners.get(key) is ref:
-                    del runners[key]
+        def retire(ref: weakref.ref[RunnerView]) -> None:
+            with self.lock:
+                if self._runners.get(key, (None,))[0] is ref:
+                    del self._runners[key]
+                for tally in counts.tallies():
+                    tally.series.retired += tally.finished
 
-        with lock:
-            runners[key] = weakref.ref(runner, forget)
+        with self.lock:
+            self._runners[key] = (weakref.ref(runner, retire), counts)
 
+    def _watched(self) -> list[tuple[weakref.ref[RunnerView], Counts]]:
+        with self.lock:
+            return list(self._runners.values())
 
-def _observe(
-    runners: dict[int, weakref.ref[RunnerView]], lock: threading.Lock, attribute: str
-) -> Iterable[metrics.Observation]:
-    """Observe the sum of one ``statistics()`` field (running or pending) of all ``runners``."""
-    with lock:
-        refs = list(runners.values())
-    total = 0
-    for ref in refs:
-        runner = ref()
-        if runner is not None:
-            total += getattr(runner.statistics(), attribute)
-    return (metrics.Observation(total),)
+    def _observe(self, attribute: str) -> Iterable[metrics.Observation]:
+        """Observe the sum of one ``statistics()`` field (running or pending) of the runners."""
+        total = 0
+        for ref, _ in self._watched():
+            runner = ref()
+            if runner is not None:
+                total += getattr(runner.statistics(), attribute)
+        return (metrics.Observation(total),)
 
-
-def _observe_finished(
-    by_outcome: dict[str, dict[str, Series]], overflow: dict[str, Series], lock: threading.Lock
-) -> Iterable[metrics.Observation]:
-    """Observe every series' count of finished tasks (cumulative: counts never decrease)."""
-    with lock:
-        every = [
-            (series.finished, series.attributes)
-            for series in (
-                *(series for by_name in by_outcome.values() for series in by_name.values()),
-                *overflow.values(),
-            )
-            if series.finished
+    def _observe_finished(self) -> Iterable[metrics.Observation]:
+        """Observe every series' count of finished tasks (cumulative: it never decreases)."""
+        totals: dict[int, tuple[dict[str, str], int]] = {}
+        with self.lock:
+            watched = list(self._runners.values())
+            every = [
+                *(series for by_name in self._series.values() for series in by_name.values()),
+                *self._overflow.values(),
+            ]
+            for series in every:
+                totals[id(series)] = (series.attributes, series.retired)
+        for _, counts in watched:
+            for tally in counts.tallies():
+                # (A series made since the snapshot above has retired nothing before it.)
+                attributes, total = totals.get(id(tally.series), (tally.attributes, 0))
+                totals[id(tally.series)] = (attributes, total + tally.finished)
+        return [
+            metrics.Observation(total, attributes) for attributes, total in totals.values() if total
         ]
-    return [metrics.Observation(finished, attributes) for finished, attributes in every]
 
 
 #: The instruments of each provider (and of the global one); made once each, under the lock.

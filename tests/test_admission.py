@@ -93,3 +93,53 @@ class TestCountsFromThreads:
         stats = runner.statistics()
         assert stats.spawned == stats.ok == 400
         assert (stats.running, stats.pending) == (0, 0)
+
+    def test_runners_on_several_threads_share_a_meter_exactly(self) -> None:
+        """Two runner threads fed by eight threads at once: every count and metric is exact."""
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        reader = InMemoryMetricReader()
+        provider = MeterProvider(metric_readers=[reader])
+        per_thread = 500
+        with (
+            ctxkit.RunnerThread(limit=None, meter_provider=provider) as first,
+            ctxkit.RunnerThread(limit=None, meter_provider=provider) as second,
+        ):
+            runners = [first, second]
+
+            def feed(runner: ctxkit.BackgroundRunner) -> None:
+                for _ in range(per_thread):
+                    runner.spawn(noop, name="shared")
+
+            threads = [threading.Thread(target=feed, args=(runners[i % 2],)) for i in range(8)]
+            for thread in threads:
+                thread.start()
+            while any(thread.is_alive() for thread in threads):
+                reader.collect()  # the reader's callbacks run while the runners count
+                for runner in runners:
+                    runner.statistics()
+                    runner.tasks()
+            for thread in threads:
+                thread.join()
+        for runner in runners:
+            stats = runner.statistics()
+            assert (stats.spawned, stats.ok, stats.running, stats.pending) == (
+                4 * per_thread,
+                4 * per_thread,
+                0,
+                0,
+            )
+        data = reader.get_metrics_data()
+        assert data is not None
+        (finished,) = [
+            point.value  # type: ignore[union-attr]
+            for resource in data.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            if metric.name == "ctxkit.tasks.finished"
+            for point in metric.data.data_points
+            if point.attributes is not None and point.attributes["ctxkit.task.name"] == "shared"
+        ]
+        assert finished == 8 * per_thread
+        provider.shutdown()

@@ -184,9 +184,9 @@ class TestInstruments:
     async def test_finished_counts_outlive_their_runner_and_never_decrease(
         self, meter_provider: MeterProvider, metric_reader: InMemoryMetricReader
     ) -> None:
-        """The finished counter is observed from counts the meter keeps, not the runners':
-        a closed and collected runner's tasks still count, each collection adds only what
-        ended since, and a name seen again after a collection keeps counting up."""
+        """The finished counter never goes down: a closed and collected runner's counts are
+        kept by the meter, each collection adds only what ended since, and a name seen again
+        after a collection keeps counting up."""
 
         async def ok() -> None:
             pass
