@@ -274,8 +274,10 @@ class RunnerCore:
                 self.backend.cancel(native, task, coro)
         return None
 
-    def start_queued(self) -> None:
+    def start_queued(self, now: float | None = None) -> None:
         """Start queued tasks while there is room (on the loop; never re-enters itself).
+
+        ``now``: ``perf_counter()`` read just before, the start time of the first task.
 
         A task that ends during a start (its first step run eagerly) finds ``starting`` set and
         starts none; the room it left is seen after that start. What leaves ``"open"`` and
@@ -290,7 +292,8 @@ class RunnerCore:
                 if task._outcome is not None:
                     continue  # cancelled while it waited
                 self.pending_count -= 1
-                now = perf_counter()
+                if now is None:
+                    now = perf_counter()
                 waited = now - task._started_at  # until now, the time of its spawn
                 task._started_at = now
                 if task._span is not None:
@@ -298,6 +301,7 @@ class RunnerCore:
                 self.running[task] = True
                 self.metrics.wait.record(waited)
                 self.launch(task)  # if the loop refuses it, it has ended: go on
+                now = None  # the start may have run its first step (an eager task factory)
         finally:
             self.starting = False
 
@@ -331,18 +335,22 @@ class RunnerCore:
         task._context = None
         if outcome is OK:
             self.ok += 1
-        elif outcome is ERROR:
-            self.error += 1
-        elif outcome is TIMEOUT:
-            self.timeouts += 1
+            value_name = "ok"
         else:
-            self.cancelled += 1
-        value_name = OUTCOME_VALUES[id(outcome)]
+            if outcome is ERROR:
+                self.error += 1
+            elif outcome is TIMEOUT:
+                self.timeouts += 1
+            else:
+                self.cancelled += 1
+            value_name = OUTCOME_VALUES[id(outcome)]
         name = task.name
         tally = self._tallies[value_name].get(name) or self.counts.tally(name, value_name)
         tally.finished += 1
+        now = None
         if ran:
-            self.metrics.duration.record(perf_counter() - task._started_at, tally.attributes)
+            now = perf_counter()
+            self.metrics.duration.record(now - task._started_at, tally.attributes)
         if task._on_done is not None:
             for waiter in task._on_done:
                 if isinstance(waiter, anyio.Event):
@@ -364,7 +372,7 @@ class RunnerCore:
         ):
             # Its slot is free and tasks wait. Tasks queue only while the runner is full, so
             # only a running task's end makes room.
-            self.start_queued()
+            self.start_queued(now)
         task._native = None  # the loop's task object: let it (and its context) go
         torn_down = self.torn_down is not None
         if outcome is not OK or task._span is not None or task._on_done is not None or torn_down:
