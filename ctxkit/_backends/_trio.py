@@ -130,6 +130,26 @@ class TrioBackend:
             except Exception as exc:
                 finished(task, _ERROR, without_wrapper_frame(exc))
                 return
+            except BaseExceptionGroup as group:
+                # A nursery in the task ends in a group (trio's strict_exception_groups): its
+                # Cancelled leaves are the task's cancellation, the rest is how the task
+                # failed. trio's cancel scopes absorb the Cancelled leaves of a group, so they
+                # go on to trio as a group; the failure is reported, as above. (No local keeps
+                # a raised group: its traceback holds this frame, a cycle.)
+                cancelled, failure = group.split(trio.Cancelled)
+                if failure is None:
+                    cancelled = None  # it is ``group``
+                    finished(task, _TIMEOUT if _expired(scope) else _CANCELLED, None)
+                    raise
+                finished(task, _ERROR, without_wrapper_frame(failure))
+                if not isinstance(failure, Exception):
+                    self._crash(failure)  # a KeyboardInterrupt or SystemExit in the group
+                if cancelled is None:
+                    return
+                try:
+                    raise cancelled
+                finally:
+                    cancelled = None
             except BaseException as exc:
                 finished(task, _ERROR, without_wrapper_frame(exc))
                 self._crash(exc)
