@@ -21,7 +21,17 @@ ROOT = Path(__file__).resolve().parent.parent
 DISTRIBUTION = "ctxkit-async"
 #: Test tools: they run the suite, they are not what it tests; left at their latest.
 TOOLS = frozenset(
-    {"pytest", "pytest-asyncio", "pytest-cov", "coverage", "hypothesis", "mypy", "ruff"}
+    {
+        "pytest",
+        "pytest-asyncio",
+        "pytest-cov",
+        "coverage",
+        "hypothesis",
+        "mypy",
+        "ruff",
+        "import-linter",
+        "grimp",
+    }
 )
 #: Extras that are not installed by the suite.
 UNTESTED_EXTRAS = frozenset({"bench", "docs"})
