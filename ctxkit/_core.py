@@ -3,8 +3,8 @@
 ``RunnerCore`` holds everything a runner keeps about its tasks and is the one implementation
 of the mechanisms every path shares:
 
-- *Admission* (``admit`` / ``enter`` / ``launch``): count a task in, then start it or queue it
-  while ``limit`` tasks run. ``spawn`` on the loop, a task handed over from another thread
+- *Admission* (``enter`` then ``launch``): count a task in and start it, or queue it while
+  ``limit`` tasks run. ``spawn`` on the loop, a task handed over from another thread
   (``_handover.py``) and the end of a task (``start_queued``) all go through it.
 - *Finishing* (``finish``), in two phases. First the bookkeeping, which runs no user code and
   cannot fail half-way: the outcome and result on the handle, the counters and metrics, the
@@ -21,7 +21,7 @@ knows that face only as a ``RunnerView``.
 
 Thread rules (who may touch each mutable field):
 
-- ``lock`` guards ``inbound``, ``thread_spawned`` and ``rejected`` (other threads change them),
+- ``lock`` guards ``inbound`` and ``rejected`` (other threads change them),
   and every change of ``state`` away from ``"open"`` (a thread admits only while it is open).
 - Every other mutable field (``running``, ``pending``, ``pending_count``, ``waiters``, the
   outcome counters, ``spawned``, ``starting``, ``torn_down``, the metric ``counts``) and every
@@ -101,17 +101,16 @@ class RunnerCore:
         self.pending_count = 0
         #: Events of drains waiting for the runner to go idle.
         self.waiters: list[anyio.Event] = []
-        #: Spawns made on the loop; the outcome counters.
+        #: Tasks counted in by ``enter``; the outcome counters.
         self.spawned = self.ok = self.error = self.timeouts = self.cancelled = 0
         #: Whether ``start_queued`` is running (it never re-enters itself).
         self.starting = False
         #: The implicit runner, once its loop tears down: the names the teardown cancelled.
         self.torn_down: list[str] | None = None
         self.lock: Final = threading.Lock()
-        #: Spawns accepted in other threads that have not reached the loop yet.
+        #: Spawns accepted in other threads that have not reached the loop yet (counted as
+        #: spawned and pending by ``statistics()``; ``enter`` counts them once they arrive).
         self.inbound = 0
-        #: Spawns accepted in other threads (counted as they are accepted).
-        self.thread_spawned = 0
         #: Spawns refused because the runner was full.
         self.rejected = 0
 
@@ -172,9 +171,9 @@ class RunnerCore:
     def statistics(self) -> RunnerStatistics:
         """A snapshot of the counters; a task on its way from a thread counts as pending."""
         with self.lock:
-            thread_spawned, inbound, rejected = self.thread_spawned, self.inbound, self.rejected
+            inbound, rejected = self.inbound, self.rejected
         return RunnerStatistics(
-            spawned=self.spawned + thread_spawned,
+            spawned=self.spawned + inbound,
             running=len(self.running),
             pending=self.pending_count + inbound,
             ok=self.ok,
@@ -220,24 +219,13 @@ class RunnerCore:
             error = self.full()
         raise error
 
-    def admit(self, task: BackgroundTask[Any]) -> None:
-        """Count a task spawned on the loop in, then start it or queue it (see ``enter``).
-
-        Raises:
-            Exception: The loop refused to start it; it has ended with that error already.
-        """
-        self.spawned += 1
-        if self.enter(task):
-            refused = self.launch(task)
-            if refused is not None:
-                raise refused
-
     def enter(self, task: BackgroundTask[Any]) -> bool:
-        """Count a task as running (True: ``launch`` it now), or queue it while ``limit`` run.
+        """Count a task in, as running (True: ``launch`` it now) or queued while ``limit`` run.
 
         On the loop; ``_handover`` calls it under ``lock``, so a snapshot taken in another
         thread sees the task either on its way or here.
         """
+        self.spawned += 1
         limit = self.limit
         if limit is not None and len(self.running) >= limit:
             self.pending.append(task)
@@ -277,17 +265,17 @@ class RunnerCore:
     def start_queued(self, now: float | None = None) -> None:
         """Start queued tasks while there is room (on the loop; never re-enters itself).
 
-        ``now``: ``perf_counter()`` read just before, the start time of the first task.
-
-        A task that ends during a start (its first step run eagerly) finds ``starting`` set and
-        starts none; the room it left is seen after that start. What leaves ``"open"`` and
+        Called when a running task's end has made room (so the first start needs no check).
+        ``now``: ``perf_counter()`` read just before, the start time of the first task. A task
+        that ends during a start (its first step run eagerly) finds ``starting`` set and starts
+        none; the room it left is seen after that start. What leaves ``"open"`` and
         ``"draining"`` during a start cancels every queued task, so the count drops to 0.
         """
         self.starting = True
         try:
             pending = self.pending
             limit = self.limit or sys.maxsize  # set: tasks queue only under a limit
-            while self.pending_count and len(self.running) < limit:
+            while True:
                 task = pending.popleft()  # the live count is above 0: a live one is left
                 if task._outcome is not None:
                     continue  # cancelled while it waited
@@ -301,6 +289,8 @@ class RunnerCore:
                 self.running[task] = True
                 self.metrics.wait.record(waited)
                 self.launch(task)  # if the loop refuses it, it has ended: go on
+                if not self.pending_count or len(self.running) >= limit:
+                    break
                 now = None  # the start may have run its first step (an eager task factory)
         finally:
             self.starting = False

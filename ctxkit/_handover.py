@@ -2,7 +2,7 @@
 
 A spawn made in another thread than the runner's loop (a sync endpoint, a worker thread, a
 ``RunnerThread``'s runner used from the app) is admitted there, under the core's ``lock``:
-``reserve`` counts it as spawned and on its way (``inbound``) if the runner is open and has
+``reserve`` counts it as on its way (``inbound``) if the runner is open and has
 room for the tasks running, pending and on their way; the clone and span are made in the
 calling thread; ``hand_over`` sends the task to the loop, where it enters the core's one
 admission path. The spawn never waits for the loop, so a handler that the loop
@@ -45,7 +45,6 @@ def reserve(core: RunnerCore, refused: Callable[[], BaseException]) -> None:
                 or len(core.running) + core.inbound < limit
             ):
                 core.inbound += 1
-                core.thread_spawned += 1
                 return
             error = core.full()
         else:
@@ -60,7 +59,6 @@ def unreserve(core: RunnerCore) -> None:
     """
     with core.lock:
         core.inbound -= 1
-        core.thread_spawned -= 1
     assert core.backend is not None  # reserved while open
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits there
         core.backend.run_soon_threadsafe(core.wake_waiters)
@@ -81,19 +79,22 @@ def hand_over(core: RunnerCore, task: BackgroundTask[Any]) -> None:
 
 
 def _arrive(core: RunnerCore, task: BackgroundTask[Any]) -> None:
-    """Place a task spawned in another thread (on the loop; counted as spawned already)."""
-    with core.lock:
+    """Count in, and start or queue, a task spawned in another thread (on the loop)."""
+    with core.lock:  # from on its way to counted in, in one step for other threads' snapshots
         core.inbound -= 1
         accepted = core.state == "open" or core.state == "draining"
-        start = accepted and core.enter(task)
-    if start:
-        core.launch(task)  # if the loop refuses it, it has ended as an error, reported
+        if accepted:
+            start = core.enter(task)
+        else:
+            # Admitted in its thread just before the shutdown's cancelling began: it never
+            # runs (cancelled below, as a pending task), and says so.
+            core.spawned += 1
+            core.pending_count += 1
+            core.pending.append(task)
     if accepted:
+        if start:
+            core.launch(task)  # if the loop refuses it, it has ended as an error, reported
         return
-    # Admitted in its thread just before the shutdown's cancelling began: it never runs, and
-    # says so.
-    core.pending_count += 1
-    core.pending.append(task)
     task.cancel()
     logger.warning(
         "background task %r, spawned from another thread, reached %r after its shutdown had "

@@ -48,7 +48,7 @@ from ._trace import fake_trace_id_var, get_tracer, start_span
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Iterable
-    from contextvars import Context, ContextVar
+    from contextvars import ContextVar
     from types import TracebackType
 
     from opentelemetry.metrics import MeterProvider
@@ -424,9 +424,14 @@ def submit(
             reserve(core, lambda: refusal(core))
             from_thread = True
         else:
-            limit = core.limit
-            if limit is not None and len(core.running) >= limit:
-                core.check_room()  # before the span: a refused spawn starts none
+            limit, pending_limit = core.limit, core.pending_limit
+            if (
+                pending_limit is not None
+                and core.pending_count >= pending_limit
+                and limit is not None
+                and len(core.running) >= limit
+            ):
+                core.check_room()  # raises before the span: a refused spawn starts none
     except BaseException:
         coro.close()
         raise
@@ -452,10 +457,11 @@ def submit(
                 task_span = None
         else:
             context, span_context = plan.current()
+        # What the handle keeps for its trace id: the span context if valid, else the fake id.
         trace_ref = (
             span_context
-            if span_context is plan.valid_span_context
-            else _trace_ref(span_context, context)
+            if span_context is plan.valid_span_context or span_context.is_valid
+            else context.get(fake_trace_id_var)
         )
         task = BackgroundTask(
             core, coro, name, context, task_span, trace_ref, timeout, perf_counter()
@@ -470,10 +476,7 @@ def submit(
     if from_thread:
         hand_over(core, task)
     else:
-        core.admit(task)  # a start the loop refuses raises here, the task ended as an error
+        refused = core.launch(task) if core.enter(task) else None
+        if refused is not None:  # the loop refused it: it has ended as an error; say so here too
+            raise refused
     return task
-
-
-def _trace_ref(span_context: trace.SpanContext, context: Context) -> trace.SpanContext | str | None:
-    """What a task's handle keeps for its trace id: the span context if valid, else the fake id."""
-    return span_context if span_context.is_valid else context.get(fake_trace_id_var)
