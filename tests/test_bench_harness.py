@@ -4,7 +4,7 @@ floor rows; and the benchmark scripts' variants, run small."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from opentelemetry import trace
@@ -16,6 +16,8 @@ from benchmarks._harness import Target, Variant, measure_sync, targets_markdown
 from ctxkit import _clone
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -173,14 +175,24 @@ class TestShapesOfVars:
 
 
 class TestSpanFloor:
+    @pytest.mark.parametrize("started", ["at spawn", "in the task"])
     def test_the_wrapper_span_matches_ctxkits_task_span(
-        self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
+        self,
+        tracer_provider: TracerProvider,
+        span_exporter: InMemorySpanExporter,
+        started: str,
     ) -> None:
-        """The floor's span has the name, kind, parent and attributes of ctxkit's task span,
-        and is current in the task."""
-        from benchmarks.case_span import in_task_span
+        """The floor's span (and the one started in the task) has the name, kind, parent and
+        attributes of ctxkit's task span, and is current in the task."""
+        from benchmarks.case_span import in_task_span, spawn_in_span
 
         tracer = tracer_provider.get_tracer("test")
+
+        def start(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+            if started == "at spawn":
+                return spawn_in_span(coro, tracer)
+            return asyncio.create_task(in_task_span(coro, tracer))
+
         seen: list[trace.Span] = []
 
         async def work() -> None:
@@ -191,7 +203,7 @@ class TestSpanFloor:
             async with ctxkit.BackgroundRunner(tracer_provider=tracer_provider):
                 with tracer.start_as_current_span("request"):
                     await ctxkit.spawn(work(), vars=VARS, span=True).wait()
-                    await asyncio.create_task(in_task_span(work(), tracer))
+                    await start(work())
 
         asyncio.run(main())
         theirs, ours, request = span_exporter.get_finished_spans()
@@ -235,7 +247,12 @@ class TestSpanFloor:
             names = [v.name for v in case_span.variants(10, setup)]
         finally:
             setup.shutdown()
-        assert {case_span.FLOOR_TASK, case_span.CTXKIT, case_span.CTXKIT_LIST} <= set(names)
+        assert {
+            case_span.FLOOR_TASK,
+            case_span.LAZY_TASK,
+            case_span.CTXKIT,
+            case_span.CTXKIT_LIST,
+        } <= set(names)
 
 
 def test_the_per_call_benchmark_runs_and_finds_every_handle(
