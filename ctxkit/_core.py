@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from collections import deque
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -77,8 +78,9 @@ class RunnerCore:
         metrics: Instruments,
         on_error: Callable[[TaskFailure], object] | None,
     ) -> None:
-        #: The public face, for ``own_runner()`` and the metrics' gauges.
-        self.runner: Final = runner
+        # The public face, weakly: the face holds the core, and the tasks hold the core, so a
+        # face the app has dropped is freed at once, not by the cyclic collector.
+        self._runner: Final = weakref.ref(runner)
         self.limit: Final = limit
         self.pending_limit: Final = pending_limit
         self.tracer: Final = tracer
@@ -115,6 +117,11 @@ class RunnerCore:
         self.rejected = 0
 
     # -- what a handle asks of its owner (TaskOwner) ----------------------------------------
+
+    @property
+    def runner(self) -> RunnerView | None:
+        """The public face (what ``own_runner()`` returns), None once the app has dropped it."""
+        return self._runner()
 
     def on_its_loop(self) -> bool:
         """Tell whether the calling code runs on this runner's event loop."""

@@ -42,8 +42,8 @@ class TaskOwner(Protocol):
     """What a handle asks of the runner that owns its task."""
 
     @property
-    def runner(self) -> RunnerView:
-        """The runner the app sees (what ``own_runner()`` returns)."""
+    def runner(self) -> RunnerView | None:
+        """The runner the app sees (what ``own_runner()`` returns), None once dropped."""
 
     def on_its_loop(self) -> bool:
         """Tell whether the calling code runs on the runner's event loop, in its thread."""

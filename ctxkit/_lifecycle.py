@@ -40,7 +40,9 @@ def open_core(core: RunnerCore, *, implicit: bool) -> None:
     core.current_owner = backend.current_owner
     core.implicit = implicit
     core.state = "open"
-    core.metrics.watch(core.runner, core.counts)
+    runner = core.runner
+    assert runner is not None  # opened by its face, or for it (the implicit runner)
+    core.metrics.watch(runner, core.counts)
 
 
 def own_task(core: RunnerCore) -> BackgroundTask[Any] | None:

@@ -208,6 +208,7 @@ class TestRunnerLookupCache:
 
         async def main() -> tuple[int, int]:
             implicit = ctxkit.spawn(noop)._owner.runner
+            assert implicit is not None
             ctxkit.spawn(noop)
             async with ctxkit.BackgroundRunner() as entered:
                 ctxkit.spawn(noop)
