@@ -356,11 +356,10 @@ async def in_task_span(coro: Coroutine[Any, Any, None], tracer: trace.Tracer) ->
 
     Not a floor (its span starts when the task first runs, so a burst holds one live span, not
     one per pending task, and the span's ids are unknown at spawn): the task runs in the copy of
-    the caller's context that
-    ``create_task`` makes (the caller's vars and current span, here a request span: the parent);
-    the span is started when the task first runs, with ctxkit's kind and start attributes, made
-    current by an ``attach`` in that copy (the task's own: nothing to detach), given ctxkit's
-    outcome attribute and ended when ``coro`` ends. An error is recorded on it and logged.
+    the caller's context that ``create_task`` makes (the caller's vars and current span, here a
+    request span: the parent); the span is started when the task first runs, with ctxkit's kind
+    and start attributes, made current by an ``attach`` in that copy (the task's own: nothing to
+    detach), and ended by ``ending_span``.
     """
     name: str = getattr(coro, "__qualname__", "task")  # a coroutine's, as ctxkit names a task
     span = tracer.start_span(
@@ -369,17 +368,7 @@ async def in_task_span(coro: Coroutine[Any, Any, None], tracer: trace.Tracer) ->
         attributes={"ctxkit.async": True, "ctxkit.task.name": name},
     )
     otel_context.attach(trace.set_span_in_context(span))
-    try:
-        await coro
-    except Exception as exc:
-        span.set_attribute("ctxkit.task.outcome", "error")
-        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-        span.record_exception(exc)
-        log.error("background task failed", exc_info=exc)
-    else:
-        span.set_attribute("ctxkit.task.outcome", "ok")
-    finally:
-        span.end()
+    await ending_span(coro, span)
 
 
 def otel_in(

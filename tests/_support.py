@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from collections.abc import Coroutine
 
     import anyio
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 MakeRunner = Callable[..., ctxkit.BackgroundRunner]
 ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -45,3 +46,18 @@ async def wait_for(event: anyio.Event) -> None:
 def ctxkit_messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
     """Return the messages the ``ctxkit`` logger recorded at ``level``."""
     return [r.getMessage() for r in caplog.records if r.name == "ctxkit" and r.levelno == level]
+
+
+def finished_counts(reader: InMemoryMetricReader, name: str) -> list[int | float]:
+    """The ``ctxkit.tasks.finished`` values of task ``name`` that ``reader`` collects now."""
+    data = reader.get_metrics_data()
+    assert data is not None
+    return [
+        point.value  # type: ignore[union-attr]
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "ctxkit.tasks.finished"
+        for point in metric.data.data_points
+        if point.attributes is not None and point.attributes["ctxkit.task.name"] == name
+    ]

@@ -11,7 +11,7 @@ import pytest
 import ctxkit
 from ctxkit import _clone
 
-from ._support import noop
+from ._support import finished_counts, noop
 
 if TYPE_CHECKING:
     from ._support import MakeRunner
@@ -130,16 +130,5 @@ class TestCountsFromThreads:
                 0,
                 0,
             )
-        data = reader.get_metrics_data()
-        assert data is not None
-        (finished,) = [
-            point.value  # type: ignore[union-attr]
-            for resource in data.resource_metrics
-            for scope in resource.scope_metrics
-            for metric in scope.metrics
-            if metric.name == "ctxkit.tasks.finished"
-            for point in metric.data.data_points
-            if point.attributes is not None and point.attributes["ctxkit.task.name"] == "shared"
-        ]
-        assert finished == 8 * per_thread
+        assert finished_counts(reader, "shared") == [8 * per_thread]
         provider.shutdown()

@@ -17,7 +17,7 @@ import pytest
 
 import ctxkit
 
-from ._support import assert_identity, wait_for
+from ._support import assert_identity, finished_counts, wait_for
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -70,18 +70,7 @@ class TestAwait:
         assert len(errors) == 1
         assert len(failures) == 1
         assert runner.statistics().error == 1
-        data = metric_reader.get_metrics_data()
-        assert data is not None
-        finished = [
-            point
-            for resource in data.resource_metrics
-            for scope in resource.scope_metrics
-            for metric in scope.metrics
-            if metric.name == "ctxkit.tasks.finished"
-            for point in metric.data.data_points
-            if point.attributes is not None and point.attributes["ctxkit.task.name"] == "boom"
-        ]
-        assert [point.value for point in finished] == [1]  # type: ignore[union-attr]
+        assert finished_counts(metric_reader, "boom") == [1]
 
     async def test_cancelled_and_timed_out_tasks_raise_ctxkit_errors(
         self, make_runner: MakeRunner

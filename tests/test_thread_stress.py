@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import ctxkit
 
+from ._support import finished_counts
+
 if TYPE_CHECKING:
     from ctxkit import RunnerStatistics
 
@@ -98,16 +100,5 @@ def test_eight_threads_spawn_into_one_runner_while_others_read_it() -> None:
         0,
         0,
     )
-    data = reader.get_metrics_data()
-    assert data is not None
-    finished = [
-        point.value  # type: ignore[union-attr]
-        for resource in data.resource_metrics
-        for scope in resource.scope_metrics
-        for metric in scope.metrics
-        if metric.name == "ctxkit.tasks.finished"
-        for point in metric.data.data_points
-        if point.attributes is not None and point.attributes["ctxkit.task.name"] == "stress"
-    ]
-    assert finished == [total]
+    assert finished_counts(reader, "stress") == [total]
     provider.shutdown()
