@@ -46,10 +46,6 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
-from opentelemetry.instrumentation.asyncio import AsyncioInstrumentor
-from opentelemetry.instrumentation.asyncio.environment_variables import (
-    OTEL_PYTHON_ASYNCIO_COROUTINE_NAMES_TO_TRACE,
-)
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -78,6 +74,8 @@ from ._harness import Target, Variant, measure
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
     from contextvars import ContextVar
+
+    from opentelemetry.instrumentation.asyncio import AsyncioInstrumentor
 
     from ._harness import CaseResult, Settings
 
@@ -196,6 +194,12 @@ async def _drive(
 
 
 def _instrumented(tp: TracerProvider, mp: Any) -> AsyncioInstrumentor:
+    # A peer, of the bench extra: imported here, so the suite's tests can build the variants.
+    from opentelemetry.instrumentation.asyncio import AsyncioInstrumentor
+    from opentelemetry.instrumentation.asyncio.environment_variables import (
+        OTEL_PYTHON_ASYNCIO_COROUTINE_NAMES_TO_TRACE,
+    )
+
     os.environ[OTEL_PYTHON_ASYNCIO_COROUTINE_NAMES_TO_TRACE] = tick.__name__
     instrumentor = AsyncioInstrumentor()
     instrumentor.instrument(tracer_provider=tp, meter_provider=mp, skip_dep_check=True)
