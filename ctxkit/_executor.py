@@ -8,6 +8,10 @@ job left behind or that the thread inherited when it started.
 A job handed over already wrapped in a ``Context.run`` (``asyncio.to_thread`` wraps every
 function in ``copy_context().run`` before it reaches the loop's default executor) is unwrapped
 first: the clone replaces that whole context, it does not run inside it.
+
+``ContextExecutor``'s worker threads start detached, in an empty context, whatever the
+interpreter's ``thread_inherit_context``: a pool starts its threads lazily inside ``submit``, so
+``submit`` hands the job over from an empty ``Context`` (see ``ContextExecutor.submit``).
 """
 
 from __future__ import annotations
@@ -122,7 +126,10 @@ class ContextExecutor(ThreadPoolExecutor):
         ContextExecutor(), fn)``, ``asyncio.to_thread`` with it as the loop's default
         executor, and any ``submit`` keep the caller's trace id and vars, and nothing else; a
         worker thread never runs a job in a context left by an earlier job or inherited when
-        the thread started. A job already wrapped in a context's ``run`` (``ctx.run`` itself,
+        the thread started. The worker threads themselves start in an empty context, whatever
+        ``sys.flags.thread_inherit_context`` says, so a job's done-callbacks (which run in the
+        worker that finished it) see no request's vars or trace, and no request's objects stay
+        alive with the pool. A job already wrapped in a context's ``run`` (``ctx.run`` itself,
         or a ``functools.partial`` of it: ``asyncio.to_thread`` submits
         ``partial(copy_context().run, fn, ...)``) is unwrapped, and the function it wraps runs
         in the clone instead of that context: the clone is the whole context of every job, so
@@ -172,9 +179,18 @@ class ContextExecutor(ThreadPoolExecutor):
         clone = _clone_now(self._vars, "ContextExecutor.submit")
         call, call_args, call_kwargs = _without_context_run(fn, args, kwargs)
         job: Callable[[], T] = functools.partial(clone.run, call, *call_args, **call_kwargs)
+        # Handed over from an empty context: a thread pool starts its worker threads lazily, in
+        # submit, and from 3.14 a thread started with sys.flags.thread_inherit_context set runs
+        # (and its Thread object keeps) a copy of the context of whoever calls start(). The job
+        # runs in its clone anyway; what this keeps out of the worker is the rest of its life:
+        # the done-callbacks it calls (Future.set_result runs in the worker's own context) and
+        # the objects that context would keep alive as long as the pool. An initializer could
+        # not do this: it runs inside the worker's context and can only set vars it knows, never
+        # make that context empty. Public submit, not the pool's private _adjust_thread_count,
+        # and it also covers a wrapped thread pool's new threads.
         if self._wrapped is not None:
-            return self._wrapped.submit(job)
-        return super().submit(job)
+            return contextvars.Context().run(self._wrapped.submit, job)
+        return contextvars.Context().run(super().submit, job)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Shut down the pool this object made; a wrapped executor is left running."""

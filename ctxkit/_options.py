@@ -95,6 +95,13 @@ async def _in_worker_thread(fn: Any, args: tuple[object, ...]) -> object:
     A thread cannot be stopped: when the task is cancelled or times out, it ends at once and
     the thread is left to finish on its own; what it returns then is dropped, and how it ended
     is logged (see ``_ThreadCall``), so not even that is silent.
+
+    The function runs in a copy of the calling context (the task's clone) that anyio makes for
+    this call alone and drops when it returns. The worker thread itself is anyio's (asyncio) or
+    trio's, started here when none is idle, in this task's context: from 3.14 anyio 4.15 and
+    trio 0.34 onwards start it in an empty ``Context`` whatever ``thread_inherit_context``
+    says, so an idle worker keeps nothing of the request it was started for (before 3.14 every
+    thread starts empty). ``tests/test_thread_context.py`` pins it.
     """
     call = _ThreadCall(fn, args)
     try:

@@ -17,24 +17,36 @@ Threads: ``_alive`` and ``_exit_hook`` are module state touched by ``start()`` a
 any thread and by the exit hook; only with ``_alive_lock`` held. A ``RunnerThread``'s
 ``_thread`` is set under its ``_lock`` by ``start()``; ``_loop``, ``_stop_event`` and
 ``_error`` are written once by its own thread before it sets ``ready``, and read after that.
+
+Context: the runner thread starts detached, in an empty ``contextvars.Context`` that ctxkit
+passes, whatever the interpreter's default (``sys.flags.thread_inherit_context``, on in
+free-threaded builds, makes a plain ``Thread`` start in a copy of the context of the caller of
+``start()``). So no var of the code that started it (a request's, sniffio's "current async
+library" of a trio run) reaches its event loop, its serving task or its shutdown log lines, and
+the ``Thread`` object keeps no object of that code alive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import importlib
+import sys
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._logging import logger
 from ._runner import BackgroundRunner
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import TracebackType
 
-__all__ = ["RunnerThread"]
+__all__ = ["RunnerThread", "detached_thread"]
+
+T = TypeVar("T")
 
 #: Started and not yet stopped; stopped (drained) at interpreter exit. Only under _alive_lock.
 _alive: weakref.WeakSet[RunnerThread] = weakref.WeakSet()
@@ -66,7 +78,10 @@ class RunnerThread:
         use ``asyncio.to_thread``, ``loop.run_in_executor`` and ``loop.getaddrinfo``; a spawn
         made after that (from a non-daemon thread) is refused as by any closed runner. In a
         forking server, start it in each worker process after the fork (gunicorn's
-        ``post_fork``), never in the master: a thread does not survive ``fork()``.
+        ``post_fork``), never in the master: a thread does not survive ``fork()``. The thread
+        starts in an empty context whatever ``sys.flags.thread_inherit_context`` says, so
+        nothing of the code that starts it (a request's vars and trace, a trio run's "current
+        async library") reaches its loop or its log lines, or stays alive with it.
 
     Args:
         **options: ``BackgroundRunner``'s keyword options.
@@ -105,9 +120,7 @@ class RunnerThread:
             with _alive_lock:
                 _install_exit_hook()
             ready = threading.Event()
-            self._thread = threading.Thread(
-                target=self._main, args=(ready,), name="ctxkit-runner", daemon=True
-            )
+            self._thread = detached_thread(self._main, ready, name="ctxkit-runner")
             self._thread.start()
         ready.wait()
         if self._error is not None:
@@ -162,6 +175,24 @@ class RunnerThread:
         async with self._runner:
             ready.set()
             await self._stop_event.wait()
+
+
+def detached_thread(target: Callable[[T], object], arg: T, *, name: str) -> threading.Thread:
+    """Return a daemon thread (not started) that runs ``target(arg)`` in an empty context.
+
+    From 3.14 the empty ``Context`` is the thread's own (``Thread(context=...)``), so the
+    ``Thread`` object holds nothing of its starter's context and the interpreter's
+    ``thread_inherit_context`` flag is never consulted. Before 3.14 threads always start in an
+    empty context; the target still runs inside a fresh ``Context().run`` so that the rule holds
+    by construction, not by that default.
+    """
+    if sys.version_info >= (3, 14):  # pragma: no cover - one branch per interpreter
+        return threading.Thread(
+            target=target, args=(arg,), name=name, daemon=True, context=contextvars.Context()
+        )
+    return threading.Thread(  # pragma: no cover - one branch per interpreter
+        target=contextvars.Context().run, args=(target, arg), name=name, daemon=True
+    )
 
 
 def _install_exit_hook() -> None:
