@@ -11,7 +11,7 @@ is ignored). The wrapper never starts another task itself: the core does that,
 without recursing, whatever the loop's task factory.
 
 A loop's task factory is called in the shape it accepts, read from its signature once per
-factory object (``_factory_call``): ``name`` and ``context`` as keywords (asyncio's protocol
+factory object (``_caller_for``): ``name`` and ``context`` as keywords (asyncio's protocol
 from Python 3.14; before, asyncio passes ``context`` and names the task itself), ``context``
 only, or the old ``(loop, coro)`` called inside the task's context, so the task copies it.
 """
@@ -113,7 +113,7 @@ class AsyncioBackend:
             return impl
         factory = loop.get_task_factory()
         if factory is not self._factory:
-            self._factory_call = _factory_call(factory)
+            self._factory_call = _caller_for(factory)
             self._factory = factory
         try:
             impl = self._factory_call(loop, wrapper, name, context)
@@ -188,7 +188,7 @@ class AsyncioBackend:
         return False  # a task's KeyboardInterrupt/SystemExit already left the loop as itself
 
 
-def _factory_call(factory: object) -> _Create:
+def _caller_for(factory: object) -> _Create:
     """Return how ``start`` has the loop make a task while ``factory`` is its task factory.
 
     From Python 3.14 ``loop.create_task`` passes its keywords (``name``, ``context``) on to the
@@ -241,7 +241,7 @@ def _create_with_context(
     What ``loop.create_task`` does with any factory before Python 3.14.
     """
     impl = loop.create_task(wrapper, context=context)
-    _set_name(impl, name)
+    impl.set_name(name)
     return impl
 
 
@@ -258,15 +258,8 @@ def _create_in_context(
     factory's own code runs in the clone too, as it would run in the task.
     """
     impl = context.run(loop.create_task, wrapper)
-    _set_name(impl, name)
+    impl.set_name(name)
     return impl
-
-
-def _set_name(impl: asyncio.Task[None], name: str) -> None:
-    """Name a task a factory made, as asyncio does (a future with no ``set_name`` stays so)."""
-    set_name = getattr(impl, "set_name", None)
-    if set_name is not None:
-        set_name(name)
 
 
 def _refuse(
