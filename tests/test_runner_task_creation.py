@@ -446,6 +446,37 @@ class TestCreateTask:
         assert "first" in loop.made
         assert "second" in loop.made
 
+    def test_a_loop_with_its_own_create_task_and_a_factory_set_then_removed(self) -> None:
+        """On a loop class with its own create_task, a (loop, coro) task factory set and then
+        removed while the runner is open: the loop makes every task, each named, the factory
+        the one task spawned while it was set."""
+        loop = _OwnCreateTaskLoop()
+        by_factory: list[object] = []
+        names: list[str] = []
+
+        def old_style(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Task[Any]:
+            by_factory.append(coro)
+            return asyncio.Task(coro, loop=loop)
+
+        async def named() -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            names.append(task.get_name())
+
+        async def main() -> None:
+            async with ctxkit.BackgroundRunner() as runner:
+                await runner.spawn(named, name="before")
+                loop.set_task_factory(old_style)
+                await runner.spawn(named, name="with the factory")
+                loop.set_task_factory(None)
+                await runner.spawn(named, name="after")
+
+        with asyncio.Runner(loop_factory=lambda: loop) as run:
+            run.run(main())
+        assert names == ["before", "with the factory", "after"]
+        assert len(by_factory) == 1
+        assert len(loop.made) >= 3
+
     @ASYNCIO_ONLY
     async def test_a_create_task_patched_on_the_class_or_the_loop_is_asked(
         self, make_runner: MakeRunner, monkeypatch: pytest.MonkeyPatch

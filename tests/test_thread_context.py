@@ -363,3 +363,41 @@ class TestWarningFilters:
         context_aware = bool(interpreter.inherit)
         expected = ["ProcessWarning"] if context_aware else ["SpawnerWarning"]
         assert found["raised"] == {"coroutine": expected, "plain": expected}
+
+
+class TestHandover:
+    """ctxkit's own work on a runner's loop, handed over from another thread, runs in an empty
+    context: never in a copy of the calling thread's (a request's) whole context."""
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+    def test_a_done_callback_added_from_a_thread_sees_nothing_of_it(
+        self, anyio_backend: str
+    ) -> None:
+        """A callback added from a request's thread to an ended task sees no var of that thread.
+
+        The callback runs on the runner's loop; handed there from the request's thread it must
+        not run in a copy of that thread's context (the request's vars, unselected, and its
+        objects, kept alive until the loop ran it).
+        """
+        seen: list[object] = []
+
+        async def main() -> None:
+            ran = anyio.Event()  # set by the callback, on the runner's loop
+            async with ctxkit.BackgroundRunner() as runner:
+                task = runner.spawn(anyio.sleep, 0)
+                await task.wait()
+
+                def request() -> None:
+                    request_id.set("request A, not selected")
+
+                    def callback(_: ctxkit.BackgroundTask[Any]) -> None:
+                        seen.append(request_id.get("nothing"))
+                        ran.set()
+
+                    task.add_done_callback(callback)
+
+                await anyio.to_thread.run_sync(request)
+                await ran.wait()
+
+        anyio.run(main, backend=anyio_backend)
+        assert seen == ["nothing"]

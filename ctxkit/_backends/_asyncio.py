@@ -9,13 +9,20 @@ throws the cancellation in before the wrapper's first line): ``cancel`` adds a d
 that reports the end then (a task that did run has reported it already, and the second report
 is ignored). The wrapper never starts another task itself: the core does that,
 without recursing, whatever the loop's task factory.
+
+A loop's task factory is called in the shape it accepts, read from its signature once per
+factory object (``_caller_for``): ``name`` and ``context`` as keywords (asyncio's protocol
+from Python 3.14; before, asyncio passes ``context`` and names the task itself), ``context``
+only, or the old ``(loop, coro)`` called inside the task's context, so the task copies it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 from asyncio import current_task
+from functools import partial
 from types import FunctionType
 from typing import TYPE_CHECKING, Final
 
@@ -29,8 +36,15 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
     from contextvars import Context
     from types import TracebackType
+    from typing import TypeAlias
 
     from .._task import TaskOutcome
+
+    #: How ``start`` has the loop make a task: ``(loop, wrapper, name, context) -> task``.
+    _Create: TypeAlias = Callable[
+        [asyncio.AbstractEventLoop, Coroutine[object, object, None], str, Context],
+        asyncio.Task[None],
+    ]
 
 __all__ = ["AsyncioBackend"]
 
@@ -38,7 +52,7 @@ __all__ = ["AsyncioBackend"]
 class AsyncioBackend:
     """Start and cancel the tasks of one runner on one asyncio event loop."""
 
-    __slots__ = ("_finished", "_loop", "_plain_create_task", "_watch")
+    __slots__ = ("_factory", "_factory_call", "_finished", "_loop", "_plain_create_task", "_watch")
 
     name: Final = "asyncio"
 
@@ -64,6 +78,10 @@ class AsyncioBackend:
             and type(loop).create_task is _BASE_CREATE_TASK
             and "create_task" not in vars(loop)
         )
+        # The task factory seen last and how to call it: decided once per factory object (its
+        # signature is read once), not on every spawn.
+        self._factory: object = None
+        self._factory_call: _Create = _create_with_keywords
 
     def is_current(self) -> bool:
         return asyncio._get_running_loop() is self._loop
@@ -94,8 +112,12 @@ class AsyncioBackend:
             if self._watch:
                 self._report_if_never_run(impl, task, coro, wrapper)
             return impl
+        factory = loop.get_task_factory()
+        if factory is not self._factory:
+            self._factory_call = _caller_for(factory)
+            self._factory = factory
         try:
-            impl = loop.create_task(wrapper, name=name, context=context)
+            impl = self._factory_call(loop, wrapper, name, context)
         except BaseException:
             wrapper.close()  # refused (a task factory raised): it never runs, nor warns
             raise
@@ -145,7 +167,10 @@ class AsyncioBackend:
         impl.cancel()
 
     def run_soon_threadsafe(self, fn: Callable[[], object]) -> None:
-        self._loop.call_soon_threadsafe(fn)
+        # In an empty context, not a copy of the calling thread's (asyncio's default): ctxkit's
+        # work handed to the loop must see and keep nothing of a request (trio runs these
+        # calls in its system context).
+        self._loop.call_soon_threadsafe(fn, context=contextvars.Context())
 
     def is_cancellation(self, exc_type: type[BaseException]) -> bool:
         return issubclass(exc_type, asyncio.CancelledError)
@@ -165,6 +190,94 @@ class AsyncioBackend:
         exc_tb: TracebackType | None,
     ) -> bool:
         return False  # a task's KeyboardInterrupt/SystemExit already left the loop as itself
+
+
+def _caller_for(factory: object) -> _Create:
+    """Return how ``start`` has the loop make a task while ``factory`` is its task factory.
+
+    From Python 3.14 ``loop.create_task`` passes its keywords (``name``, ``context``) on to the
+    factory; before, it passes ``context`` alone and then names the task. A factory written
+    for either protocol is called in a shape it accepts, and each task still runs in its
+    clone and carries its name. A factory with no readable signature (a C callable) is called
+    as asyncio calls it.
+    """
+    if factory is None:
+        return _create_with_keywords  # a loop with its own create_task, no factory set
+    try:
+        signature = inspect.signature(factory)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return _create_with_keywords
+
+    def accepts(**keywords: object) -> bool:
+        try:
+            signature.bind(None, None, **keywords)
+        except TypeError:
+            return False
+        return True
+
+    if accepts(name="", context=None):
+        return _create_with_keywords
+    if accepts(context=None):
+        return _create_with_context
+    if accepts():
+        return _create_in_context
+    return partial(_refuse, factory)
+
+
+def _create_with_keywords(
+    loop: asyncio.AbstractEventLoop,
+    wrapper: Coroutine[object, object, None],
+    name: str,
+    context: Context,
+) -> asyncio.Task[None]:
+    """Ask the loop for the task as asyncio's own callers do (its factory takes ``**kwargs``)."""
+    return loop.create_task(wrapper, name=name, context=context)
+
+
+def _create_with_context(
+    loop: asyncio.AbstractEventLoop,
+    wrapper: Coroutine[object, object, None],
+    name: str,
+    context: Context,
+) -> asyncio.Task[None]:
+    """Give a factory ``(loop, coro, context=None)`` the context alone, then name the task.
+
+    What ``loop.create_task`` does with any factory before Python 3.14.
+    """
+    impl = loop.create_task(wrapper, context=context)
+    impl.set_name(name)
+    return impl
+
+
+def _create_in_context(
+    loop: asyncio.AbstractEventLoop,
+    wrapper: Coroutine[object, object, None],
+    name: str,
+    context: Context,
+) -> asyncio.Task[None]:
+    """Call a factory ``(loop, coro)`` inside ``context``, then name the task.
+
+    A task made without a context copies the current one: the task runs in a copy of its
+    clone (the same values; the clone is ctxkit's own, never entered elsewhere), and the
+    factory's own code runs in the clone too, as it would run in the task.
+    """
+    impl = context.run(loop.create_task, wrapper)
+    impl.set_name(name)
+    return impl
+
+
+def _refuse(
+    factory: object,
+    loop: asyncio.AbstractEventLoop,
+    wrapper: Coroutine[object, object, None],
+    name: str,
+    context: Context,
+) -> asyncio.Task[None]:
+    """Refuse to start a task: the loop's task factory cannot be called as asyncio calls it."""
+    raise TypeError(
+        f"the loop's task factory {factory!r} cannot be called as factory(loop, coro); "
+        "give it the signature (loop, coro, **kwargs) and pass the keywords on to the task"
+    )
 
 
 def _genuine_base_create_task() -> object | None:
