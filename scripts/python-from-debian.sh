@@ -96,15 +96,12 @@ for tool in apt-get apt-cache dpkg-deb flock; do
 done
 
 root=${CTXKIT_PYTHONS:-$HOME/.cache/ctxkit-pythons}
-prefix=$root/$version
-python=$prefix/bin/python$version
-stamp=$prefix/.ctxkit-pins
 mkdir -p "$root"
-root=$(cd "$root" && pwd)
+root=$(cd "$root" && pwd) # the interpreter's ld.so path is absolute
 prefix=$root/$version
 python=$prefix/bin/python$version
 stamp=$prefix/.ctxkit-pins
-wanted=$(printf '%s\n' "prefix=$prefix" "mirror=$mirror" "${pins[@]}")
+wanted=$(printf '%s\n' "prefix=$prefix" "${pins[@]}")
 
 # Installed with these pins and working: nothing to do (checked again under the lock below).
 installed() {
