@@ -11,14 +11,18 @@ BENCH_ARGS ?=
 # Sizes of the soak and fuzz runs, e.g. SOAK_ARGS="--tasks 50000 --trio-tasks 10000".
 SOAK_ARGS ?=
 FUZZ_ARGS ?=
-# The interpreters of the matrix (found with pyenv by scripts/venv.sh), one venv each.
-MATRIX_PYTHONS ?= 3.12 3.13
+# The interpreters of the matrix, one venv each: found with pyenv or on PATH by scripts/venv.sh,
+# which installs 3.14 and 3.15 from Debian's packages (scripts/python-from-debian.sh) otherwise.
+MATRIX_PYTHONS ?= 3.12 3.13 3.14 3.15
+# The interpreters that have the free-threaded builds' context flags (3.14+), for test-inherit.
+INHERIT_PYTHONS ?= 3.14 3.15
 # A suite run that takes longer than this many seconds is interrupted (a hang fails clearly).
 SUITE_TIMEOUT ?= 900
 RUN_SUITE = timeout --signal=INT --kill-after=60 $(SUITE_TIMEOUT)
 
 .PHONY: demo test lint typecheck pytest bench bench-quick docs clean
 .PHONY: test-matrix $(MATRIX_PYTHONS:%=test-%) test-eager $(MATRIX_PYTHONS:%=test-eager-%)
+.PHONY: test-inherit $(INHERIT_PYTHONS:%=test-inherit-%)
 .PHONY: test-lowest dist-check soak fuzz
 
 $(BIN)/python:
@@ -62,7 +66,7 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks --quick $(BENCH_ARGS)
 
-# The suite on each other interpreter, in .venv-3.12, .venv-3.13 (lint and mypy run in `test`).
+# The suite on each other interpreter, in .venv-3.12 ... .venv-3.15 (lint and mypy run in `test`).
 test-matrix: $(MATRIX_PYTHONS:%=test-%)
 
 $(MATRIX_PYTHONS:%=test-%): test-%:
@@ -75,6 +79,16 @@ test-eager: $(MATRIX_PYTHONS:%=test-eager-%)
 $(MATRIX_PYTHONS:%=test-eager-%): test-eager-%:
 	bash scripts/venv.sh $* .venv-$*
 	CTXKIT_TEST_EAGER=1 $(RUN_SUITE) .venv-$*/bin/python -m pytest
+
+# The suite once more with the free-threaded builds' defaults on a GIL build (3.14+): a new thread
+# starts in a copy of its starter's context, and warnings filters are context-local. The -X flags
+# set them for the pytest process, the PYTHON_* variables for the processes the tests start.
+test-inherit: $(INHERIT_PYTHONS:%=test-inherit-%)
+
+$(INHERIT_PYTHONS:%=test-inherit-%): test-inherit-%:
+	bash scripts/venv.sh $* .venv-$*
+	PYTHON_THREAD_INHERIT_CONTEXT=1 PYTHON_CONTEXT_AWARE_WARNINGS=1 $(RUN_SUITE) \
+		.venv-$*/bin/python -X thread_inherit_context=1 -X context_aware_warnings=1 -m pytest
 
 # The suite against the lowest versions pyproject.toml admits (constraints/lowest.txt).
 test-lowest:

@@ -30,25 +30,35 @@ def eager_mode() -> bool:
     return os.environ.get(EAGER_ENV, "") not in ("", "0")
 
 
-_saved_policy: asyncio.AbstractEventLoopPolicy | None = None
+#: Undoes the eager mode's patch at the end of the run.
+_eager_patch: pytest.MonkeyPatch | None = None
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global _saved_policy
+    """In eager mode, make every new asyncio loop eager, without an event loop policy.
+
+    Every loop of a run is made by ``asyncio.events.new_event_loop()``: ``asyncio.Runner`` (so
+    ``asyncio.run``, pytest-asyncio's runners and ``RunnerThread``'s loop) and the anyio pytest
+    plugin's runner call it when given no loop factory. Wrapping that one function reaches them
+    all on 3.12 to 3.15 and after the policy system is gone (deprecated in 3.14, removed in
+    3.16). The plugins' own options (anyio's ``loop_factory`` backend option, pytest-asyncio's
+    ``pytest_asyncio_loop_factories`` hook) would not reach ``asyncio.run`` inside a test or a
+    ``RunnerThread``'s loop, so an eager run would quietly cover less.
+    """
+    global _eager_patch
     if not eager_mode():
         return
     if sys.version_info >= (3, 12):
+        new_event_loop = asyncio.events.new_event_loop
 
-        class EagerLoopPolicy(asyncio.DefaultEventLoopPolicy):
-            """Every new loop is eager: pytest-asyncio, the anyio plugin and asyncio.run ask."""
+        def new_eager_event_loop() -> asyncio.AbstractEventLoop:
+            loop = new_event_loop()
+            loop.set_task_factory(asyncio.eager_task_factory)
+            return loop
 
-            def new_event_loop(self) -> asyncio.AbstractEventLoop:
-                loop = super().new_event_loop()
-                loop.set_task_factory(asyncio.eager_task_factory)
-                return loop
-
-        _saved_policy = asyncio.get_event_loop_policy()
-        asyncio.set_event_loop_policy(EagerLoopPolicy())
+        _eager_patch = pytest.MonkeyPatch()
+        _eager_patch.setattr(asyncio.events, "new_event_loop", new_eager_event_loop)
+        _eager_patch.setattr(asyncio, "new_event_loop", new_eager_event_loop)
     else:
         raise pytest.UsageError(
             f"{EAGER_ENV}=1 needs Python 3.12 or newer (asyncio.eager_task_factory), "
@@ -57,14 +67,25 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    global _saved_policy
-    if _saved_policy is not None:
-        asyncio.set_event_loop_policy(_saved_policy)
-        _saved_policy = None
+    global _eager_patch
+    if _eager_patch is not None:
+        _eager_patch.undo()
+        _eager_patch = None
 
 
-def pytest_report_header(config: pytest.Config) -> str | None:
-    return "ctxkit: asyncio loops use asyncio.eager_task_factory" if eager_mode() else None
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = []
+    if eager_mode():
+        lines.append("ctxkit: asyncio loops use asyncio.eager_task_factory")
+    # 3.14+: on by default in free-threaded builds, -X or PYTHON_* variables elsewhere.
+    flags = [
+        name
+        for name in ("thread_inherit_context", "context_aware_warnings")
+        if getattr(sys.flags, name, 0)
+    ]
+    if flags:
+        lines.append(f"ctxkit: sys.flags {', '.join(flags)} on")
+    return lines
 
 
 @pytest.fixture(params=["asyncio", "trio"])

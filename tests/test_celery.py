@@ -197,12 +197,16 @@ def result_of(worker: Worker, result: Any, *, propagate: bool = True) -> Any:
         raise AssertionError(f"no result from the worker (alive={alive}):\n{worker.log}") from exc
 
 
-def eventually(find: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Return what ``find`` finds in the worker's output once it finds anything (or [])."""
+def eventually(
+    find: Callable[[], list[dict[str, Any]]],
+    until: Callable[[list[dict[str, Any]]], bool] = bool,
+) -> list[dict[str, Any]]:
+    """Return what ``find`` finds in the worker's output once ``until`` holds for it (by
+    default: once it finds anything), or what it finds at the deadline."""
     deadline = time.monotonic() + TIMEOUT
     while True:
         found = find()
-        if found or time.monotonic() > deadline:
+        if until(found) or time.monotonic() > deadline:
             return found
         time.sleep(0.02)  # polling another process's output, not synchronising tasks
 
@@ -289,12 +293,17 @@ class TestWorker:
         seen = result_of(worker, async_result)
         assert seen["request_id"] == "r-retry"
         [send] = sends(span_exporter, f"send {task_name}")
+        # The result comes from attempt 3, maybe in the other worker process before the process
+        # that ran attempt 2 wrote its span (it ends after the retry is published): poll.
         attempts = by_attempt(
-            [
-                s
-                for s in worker.spans(f"process {task_name}")
-                if s["attributes"]["messaging.message.id"] == async_result.id
-            ]
+            eventually(
+                lambda: [
+                    s
+                    for s in worker.spans(f"process {task_name}")
+                    if s["attributes"]["messaging.message.id"] == async_result.id
+                ],
+                until=lambda found: len(found) >= 3,
+            )
         )
         assert [s["attributes"]["ctxkit.attempt"] for s in attempts] == [1, 2, 3], worker.log
         first, second, third = attempts

@@ -409,6 +409,26 @@ class TestInject:
 # --- extract -------------------------------------------------------------------------------------
 
 
+#: Whether ``json.loads`` raises ``RecursionError`` on arrays nested this deep: it nests as deep
+#: as the recursion limit on 3.11 (about 1,000 levels), a C recursion limit on 3.12 (1,500) and
+#: 3.13 (10,000), and as the C stack allows from 3.14 (about 65,000 with an 8 MiB stack).
+JSON_RAISES_AT = {2030: sys.version_info < (3, 13), 50_000: sys.version_info < (3, 14)}
+
+
+def nested_vars(depth: int) -> str:
+    """Return a ``ctxkit-vars`` value whose ``request_id`` is a list nested ``depth`` deep."""
+    return '{"request_id":' + "[" * depth + "]" * depth + "}"
+
+
+def nesting_depth(value: object) -> int:
+    """Count the levels of ``[[...]]`` without recursing (the value may be very deep)."""
+    depth = 0
+    while isinstance(value, list):
+        depth += 1
+        value = value[0] if value else None
+    return depth
+
+
 class TestExtract:
     def test_round_trip(
         self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
@@ -647,19 +667,58 @@ class TestMalformed:
         assert not seen["span_context"].is_valid  # type: ignore[attr-defined]
         assert rejected(metric_reader) == {"propagator.failed": 1}
 
-    def test_json_digit_limit_and_deep_nesting_with_a_raised_limit(
+    def test_json_digit_limit_with_a_raised_limit(
         self, meter_provider: MeterProvider, metric_reader: InMemoryMetricReader
     ) -> None:
-        """With a raised size limit, huge numbers and deep nesting are still rejected."""
-        for text in ('{"request_id": ' + "1" * 5000 + "}", "[" * 50_000 + "]" * 50_000):
-            ctx = extract(
-                {"ctxkit-vars": text},
-                vars=(request_id,),
-                max_vars_size=200_000,
-                meter_provider=meter_provider,
-            )
+        """With a raised size limit, a number of 5,000 digits is still rejected."""
+        ctx = extract(
+            {"ctxkit-vars": '{"request_id": ' + "1" * 5000 + "}"},
+            vars=(request_id,),
+            max_vars_size=200_000,
+            meter_provider=meter_provider,
+        )
+        assert request_id not in ctx
+        assert rejected(metric_reader) == {"vars.invalid_json": 1}
+
+    def test_nesting_is_bounded_by_the_size_limit(
+        self, meter_provider: MeterProvider, metric_reader: InMemoryMetricReader
+    ) -> None:
+        """The size limit bounds nesting on every version: 2,100 levels do not fit in 4096 bytes;
+        the 2,030 that fit are restored where ``json`` parses them (3.13+), and rejected as
+        invalid JSON where it raises ``RecursionError`` first (3.11 and 3.12)."""
+        too_deep = nested_vars(2100)
+        assert len(too_deep) > propagation.MAX_VARS_SIZE
+        assert request_id not in extract(
+            {"ctxkit-vars": too_deep}, vars=(request_id,), meter_provider=meter_provider
+        )
+        deepest = nested_vars(2030)
+        assert len(deepest) <= propagation.MAX_VARS_SIZE
+        ctx = extract({"ctxkit-vars": deepest}, vars=(request_id,), meter_provider=meter_provider)
+        if JSON_RAISES_AT[2030]:
             assert request_id not in ctx
-        assert rejected(metric_reader) == {"vars.invalid_json": 2}
+            assert rejected(metric_reader) == {"vars.too_large": 1, "vars.invalid_json": 1}
+        else:
+            assert nesting_depth(ctx[request_id]) == 2030
+            assert rejected(metric_reader) == {"vars.too_large": 1}
+
+    def test_deep_nesting_with_a_raised_limit(
+        self, meter_provider: MeterProvider, metric_reader: InMemoryMetricReader
+    ) -> None:
+        """With a raised size limit, 50,000 levels are rejected as invalid JSON where ``json``
+        raises ``RecursionError`` (up to 3.13), and restored from 3.14, whose ``json`` nests as
+        deep as the C stack allows: then only the size limit bounds the nesting."""
+        ctx = extract(
+            {"ctxkit-vars": nested_vars(50_000)},
+            vars=(request_id,),
+            max_vars_size=200_000,
+            meter_provider=meter_provider,
+        )
+        if JSON_RAISES_AT[50_000]:
+            assert request_id not in ctx
+            assert rejected(metric_reader) == {"vars.invalid_json": 1}
+        else:
+            assert nesting_depth(ctx[request_id]) == 50_000
+            assert rejected(metric_reader) == {}
 
     def test_unknown_names_are_not_an_error(
         self, meter_provider: MeterProvider, metric_reader: InMemoryMetricReader
