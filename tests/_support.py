@@ -61,3 +61,13 @@ def finished_counts(reader: InMemoryMetricReader, name: str) -> list[int | float
         for point in metric.data.data_points
         if point.attributes is not None and point.attributes["ctxkit.task.name"] == name
     ]
+
+
+#: The ``filterwarnings`` lines of the ini files of the pytest runs that tests start: warnings are
+#: errors, but for the one opentelemetry-api 1.42 (the lowest admitted) raises on Python 3.11 as
+#: it is first imported (pyproject.toml ignores it for the suite too).
+FILTERWARNINGS = (
+    "filterwarnings =\n"
+    "    error\n"
+    "    ignore:SelectableGroups dict interface is deprecated:DeprecationWarning\n"
+)

@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from ._support import FILTERWARNINGS
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
@@ -59,12 +61,9 @@ OPTIONAL = {
 _OPEN = re.compile(r"^```(?P<lang>[\w-]*)(?P<info>.*)$")
 _TITLE = re.compile(r'title="(?P<title>[^"]+)"')
 _PRINTS = re.compile(r"#\s*prints:\s?(?P<text>.*)$")
-_PYTEST_INI = """\
-[pytest]
-pythonpath = .
-filterwarnings = error
-asyncio_default_fixture_loop_scope = function
-"""
+_PYTEST_INI = (
+    "[pytest]\npythonpath = .\nasyncio_default_fixture_loop_scope = function\n" + FILTERWARNINGS
+)
 
 
 @dataclass(frozen=True)

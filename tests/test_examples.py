@@ -25,6 +25,8 @@ import anyio
 import httpx
 import pytest
 
+from ._support import FILTERWARNINGS
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
@@ -291,8 +293,7 @@ def test_the_tutorial_app_and_its_test(pytester: pytest.Pytester) -> None:
     assert set(files) == {"app.py", "test_app.py"}
     pytester.makepyfile(app=files["app.py"], test_app=files["test_app.py"])
     pytester.makeini(
-        "[pytest]\nfilterwarnings = error\npythonpath = .\n"
-        "asyncio_default_fixture_loop_scope = function\n"
+        "[pytest]\npythonpath = .\nasyncio_default_fixture_loop_scope = function\n" + FILTERWARNINGS
     )
     args = ["-p", "no:cacheprovider"]
     if not any(

@@ -468,14 +468,21 @@ class TestInMemory:
         try:
             with tracer_provider.get_tracer("test").start_as_current_span("request") as request:
                 request_id.set("r-5")
-                task = await fail_unprintable.kiq()
+                try:
+                    task = await fail_unprintable.kiq()
+                except SendTaskError:
+                    pytest.xfail(
+                        "taskiq 0.11.19 (the lowest admitted) fails an in-place kick whose task's "
+                        "exception cannot be printed before it calls the middleware's post hooks, "
+                        "so no middleware can end the span or restore the context there"
+                    )
                 assert trace.get_current_span() is request
                 assert request_id.get() == "r-5"
             result = await task.wait_result(timeout=TIMEOUT)
+            assert result.is_err
+            assert isinstance(result.error, Unprintable)
         finally:
             await broker.shutdown()
-        assert result.is_err
-        assert isinstance(result.error, Unprintable)
         process = one_finished(span_exporter, "process fail_unprintable")
         assert process.status.status_code is StatusCode.ERROR
         assert process.status.description == "Unprintable: <str() of the Unprintable raised>"

@@ -20,6 +20,8 @@ from opentelemetry.trace import StatusCode
 import ctxkit
 from ctxkit.testing import SpanRecorder, open_runner
 
+from ._support import FILTERWARNINGS
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -290,12 +292,10 @@ class TestOpenRunner:
 
 # -- the pytest plugin, run with pytester --------------------------------------------------
 
-INI = """
-[pytest]
-asyncio_mode = strict
-asyncio_default_fixture_loop_scope = function
-filterwarnings = error
-"""
+INI = (
+    "\n[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
+    + FILTERWARNINGS
+)
 
 
 #: The module of the ``pytest11`` entry point pyproject.toml declares.
