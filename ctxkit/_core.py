@@ -176,13 +176,20 @@ class RunnerCore:
         return [task for task in list(self.pending) if task._outcome is None]
 
     def statistics(self) -> RunnerStatistics:
-        """A snapshot of the counters; a task on its way from a thread counts as pending."""
+        """A snapshot of the counters; a task on its way from a thread counts as pending.
+
+        ``spawned``, ``pending_count`` and ``running`` are read under ``lock`` with
+        ``inbound``: a handed-over task moves from one to the others under that lock
+        (``_handover._arrive``), so a snapshot sees it in exactly one place, and no counter of
+        a later snapshot reads lower.
+        """
         with self.lock:
             inbound, rejected = self.inbound, self.rejected
+            spawned, pending, running = self.spawned, self.pending_count, len(self.running)
         return RunnerStatistics(
-            spawned=self.spawned + inbound,
-            running=len(self.running),
-            pending=self.pending_count + inbound,
+            spawned=spawned + inbound,
+            running=running,
+            pending=pending + inbound,
             ok=self.ok,
             error=self.error,
             timeout=self.timeouts,

@@ -94,6 +94,51 @@ class TestCountsFromThreads:
         assert stats.spawned == stats.ok == 400
         assert (stats.running, stats.pending) == (0, 0)
 
+    def test_a_snapshot_sees_an_arriving_spawn_in_one_place(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A task that reaches the loop between a snapshot's reads is not counted twice.
+
+        The snapshot is forced to release the core's lock, let the loop count the handed-over
+        task in, and only then go on: ``spawned`` must still count it once (a later snapshot
+        would otherwise read lower, as a stress run on 3.14 saw).
+        """
+        running, gate, arrived = threading.Event(), threading.Event(), threading.Event()
+
+        async def hog() -> None:
+            running.set()
+            gate.wait(10)  # blocks the runner's loop: the next spawn waits on its way
+
+        with ctxkit.RunnerThread(limit=None) as runner:
+            core = runner._core
+            real = core.lock
+            observer = threading.get_ident()
+            armed = False
+
+            class StepLock:
+                def __enter__(self) -> None:
+                    real.acquire()
+
+                def __exit__(self, *exc_info: object) -> None:
+                    real.release()
+                    if threading.get_ident() != observer:
+                        if core.inbound == 0:
+                            arrived.set()
+                    elif armed:
+                        gate.set()  # the loop goes on and the spawn arrives...
+                        assert arrived.wait(10)  # ...before the snapshot reads on
+
+            monkeypatch.setattr(core, "lock", StepLock())
+            runner.spawn(hog)
+            assert running.wait(10)
+            runner.spawn(noop)
+            arrived.clear()  # the hog's own arrival set it
+            armed = True
+            stats = runner.statistics()
+            armed = False
+            monkeypatch.setattr(core, "lock", real)
+        assert (stats.spawned, stats.running, stats.pending) == (2, 1, 1)  # hog; the arriving one
+
     def test_runners_on_several_threads_share_a_meter_exactly(self) -> None:
         """Two runner threads fed by eight threads at once: every count and metric is exact."""
         from opentelemetry.sdk.metrics import MeterProvider
