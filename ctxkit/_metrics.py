@@ -30,12 +30,19 @@ own. So no count is written by two threads:
   and the map of watched runners. When a runner is garbage-collected (nothing writes its counts
   any more), its counts are added to the ``retired`` totals under the lock, so the counter
   never goes down.
+- The weak reference's callback that reports a collected runner takes no lock: the cyclic
+  garbage collector runs wherever an allocation triggers it, so also inside a ``with lock``
+  block of the same thread, where taking the lock again would deadlock. The callback only
+  appends to ``_retiring`` (a ``deque``, whose ``append`` and ``popleft`` are thread-safe as
+  documented); whoever next holds the lock moves those counts to ``retired`` and forgets the
+  runner (``_settle``), in one step for the reader's snapshot.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from collections import deque
 from typing import TYPE_CHECKING, Final
 
 from opentelemetry import metrics
@@ -121,6 +128,7 @@ class Instruments:
         "__weakref__",
         "_names",
         "_overflow",
+        "_retiring",
         "_runners",
         "_series",
         "duration",
@@ -135,6 +143,9 @@ class Instruments:
         #: Runners whose tasks the instruments count, by id, with their counts (weak: a
         #: collected runner's counts are retired).
         self._runners: dict[int, tuple[weakref.ref[RunnerView], Counts]] = {}
+        #: Collected runners not settled yet: appended by the weak references' callbacks with
+        #: no lock, emptied under ``lock`` by ``_settle``.
+        self._retiring: deque[tuple[int, weakref.ref[RunnerView], Counts]] = deque()
         meter.create_observable_up_down_counter(
             "ctxkit.tasks.active",
             callbacks=[lambda options: self._observe("running")],
@@ -194,19 +205,32 @@ class Instruments:
     def watch(self, runner: RunnerView, counts: Counts) -> None:
         """Observe ``runner``'s gauges and its ``counts`` (made from these instruments)."""
         key = id(runner)
+        retiring = self._retiring
 
         def retire(ref: weakref.ref[RunnerView]) -> None:
-            with self.lock:
-                if self._runners.get(key, (None,))[0] is ref:
-                    del self._runners[key]
-                for tally in counts.tallies():
-                    tally.series.retired += tally.finished
+            retiring.append((key, ref, counts))  # no lock: see the thread rules
 
         with self.lock:
+            self._settle()  # a collected runner of the same id is forgotten first
             self._runners[key] = (weakref.ref(runner, retire), counts)
+
+    def _settle(self) -> None:
+        """Retire the counts of the runners collected since (the caller holds ``lock``).
+
+        A runner still in ``_runners`` is counted through its ``Counts``; once settled, through
+        ``retired``: the move is made under the lock, so a snapshot sees it in one place.
+        """
+        retiring = self._retiring
+        while retiring:
+            key, ref, counts = retiring.popleft()
+            if self._runners.get(key, (None,))[0] is ref:
+                del self._runners[key]
+            for tally in counts.tallies():
+                tally.series.retired += tally.finished
 
     def _watched(self) -> list[tuple[weakref.ref[RunnerView], Counts]]:
         with self.lock:
+            self._settle()
             return list(self._runners.values())
 
     def _observe(self, attribute: str) -> Iterable[metrics.Observation]:
@@ -222,6 +246,7 @@ class Instruments:
         """Observe every series' count of finished tasks (cumulative: it never decreases)."""
         totals: dict[int, tuple[dict[str, str], int]] = {}
         with self.lock:
+            self._settle()
             watched = list(self._runners.values())
             every = [
                 *(series for by_name in self._series.values() for series in by_name.values()),

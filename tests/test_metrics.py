@@ -245,3 +245,54 @@ class TestCardinality:
         assert OVERFLOW_NAME in names
         assert finished[outcome(OVERFLOW_NAME, "ok")] == 100
         assert sum(finished.values()) == MAX_TASK_NAMES + 100
+
+
+class TestCollectedRunners:
+    def test_a_runner_collected_inside_the_meters_lock_is_retired_later(self) -> None:
+        """The cyclic GC may collect a runner in the middle of a ``with lock`` block of the
+        meter (any allocation there can start it, on any thread): its weak reference's
+        callback must not take that lock again. Its counts are retired at the next collection,
+        exactly once."""
+        import asyncio
+        import threading
+        import weakref
+
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        from ctxkit._metrics import instruments_for
+
+        reader = InMemoryMetricReader()
+        provider = MeterProvider(metric_readers=[reader])
+
+        async def ok() -> None:
+            pass
+
+        async def main() -> weakref.ref[ctxkit.BackgroundRunner]:
+            async with ctxkit.BackgroundRunner(meter_provider=provider) as runner:
+                for _ in range(3):
+                    await runner.spawn(ok, name="cycled")
+            cycle: list[object] = [runner]
+            cycle.append(cycle)  # only the cyclic collector frees it now
+            return weakref.ref(runner)
+
+        gc.disable()  # the collection below is the one that frees the runner
+        try:
+            collected = asyncio.run(main())
+            assert collected() is not None
+            instruments = instruments_for(provider)
+
+            def collect_while_locked() -> None:
+                with instruments.lock:
+                    gc.collect()
+
+            thread = threading.Thread(target=collect_while_locked, daemon=True)
+            thread.start()
+            thread.join(10)
+        finally:
+            gc.enable()
+        assert not thread.is_alive(), "the runner's retirement deadlocked on the meter's lock"
+        assert collected() is None
+        assert sums(read(reader)["ctxkit.tasks.finished"]) == {outcome("cycled", "ok"): 3}
+        assert sums(read(reader)["ctxkit.tasks.finished"]) == {outcome("cycled", "ok"): 3}
+        provider.shutdown()
