@@ -8,7 +8,7 @@ logged and exported, so every check is made from the task's side.
 from __future__ import annotations
 
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -45,7 +45,13 @@ async def test_def_endpoints_spawn_with_the_requests_trace_and_vars(server: Serv
     for kind in ("coroutine", "thread"):
         message = f"{kind} task for order 42: {expected}"
         await poll(server, message, lambda m=message: logged(server, m, TRACE))  # type: ignore[misc]
-    spans = {s["name"]: s for s in server.spans() if s["trace_id"] == TRACE}
+
+    def trace_spans() -> dict[str, dict[str, Any]]:
+        return {s["name"]: s for s in server.spans() if s["trace_id"] == TRACE}
+
+    # A task's span ends after its last log line: wait for both task spans to be exported.
+    await poll(server, "the task spans", lambda: {"notify", "write_invoice"} <= set(trace_spans()))
+    spans = trace_spans()
     assert spans["notify"]["parent_id"] == spans["POST /order/42"]["span_id"]
     assert spans["write_invoice"]["attributes"]["ctxkit.task.outcome"] == "ok"
 
