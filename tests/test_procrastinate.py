@@ -656,6 +656,115 @@ class TestRejectedMetric:
         ]
 
 
+class TestInProcessWorker:
+    """The worker middleware run in this process (InMemoryConnector), for what the worker
+    processes cannot show: logs of this process, a connector that cannot save a carrier."""
+
+    def run_worker(self, app: Any) -> None:
+        import asyncio
+
+        async def run() -> None:
+            async with app.open_async():
+                await app.run_worker_async(wait=False, install_signal_handlers=False)
+
+        asyncio.run(run())
+
+    def test_retry_links_to_the_producer_when_the_carrier_cannot_be_saved(
+        self,
+        tracer_provider: TracerProvider,
+        span_exporter: InMemorySpanExporter,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """A connector that cannot run ctxkit's UPDATE (procrastinate's in-memory one) does
+        not fail the job: the failure is logged and the retry links to the producer only."""
+        import asyncio
+
+        app = procrastinate.App(connector=InMemoryConnector())
+        instrument(app, vars=(request_id,), tracer_provider=tracer_provider)
+        seen: list[str | None] = []
+
+        @app.task(name="flaky_local", pass_context=True, retry=1)
+        async def flaky_local(context: Any) -> None:
+            seen.append(request_id.get(None))
+            if context.job.attempts == 0:
+                raise RuntimeError("first attempt fails")
+
+        async def produce() -> None:
+            async with app.open_async():
+                with tracer_provider.get_tracer("test").start_as_current_span("request"):
+                    request_id.set("local")
+                    await flaky_local.defer_async()
+
+        asyncio.run(produce())
+        with caplog.at_level("WARNING", logger="ctxkit"):
+            self.run_worker(app)
+        assert seen == ["local", "local"]
+        [send] = [s for s in span_exporter.get_finished_spans() if s.name == "send flaky_local"]
+        first, second = sorted(
+            (s for s in span_exporter.get_finished_spans() if s.name == "process flaky_local"),
+            key=lambda s: str((s.attributes or {})["ctxkit.attempt"]),
+        )
+        assert first.status.status_code == StatusCode.ERROR
+        assert first.parent is not None
+        assert first.parent.span_id == int(hex_span(send), 16)
+        assert second.parent is None
+        assert [link.context.span_id for link in second.links] == [int(hex_span(send), 16)]
+        assert "could not save the context" in caplog.text
+
+    def test_failure_without_retry_writes_nothing(
+        self,
+        tracer_provider: TracerProvider,
+        span_exporter: InMemorySpanExporter,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """A failing job that its task does not retry gets an ERROR span and no carrier
+        write (so nothing is logged about one)."""
+        app = procrastinate.App(connector=InMemoryConnector())
+        instrument(app, tracer_provider=tracer_provider)
+
+        @app.task(name="fail_local")
+        def fail_local() -> None:
+            raise ValueError("no retry")
+
+        fail_local.defer()
+        with caplog.at_level("WARNING", logger="ctxkit"):
+            self.run_worker(app)
+        [process] = [
+            s for s in span_exporter.get_finished_spans() if s.name == "process fail_local"
+        ]
+        assert process.status.status_code == StatusCode.ERROR
+        assert (process.attributes or {})["error.type"] == "ValueError"
+        assert "could not save" not in caplog.text
+
+    def test_a_failing_restore_still_runs_the_job(
+        self,
+        tracer_provider: TracerProvider,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """If ctxkit cannot restore a job's context, the job runs without it (logged), and
+        still without the carrier among its kwargs."""
+        from ctxkit.contrib import procrastinate as contrib
+
+        def broken(*args: object, **kwargs: object) -> Any:
+            raise RuntimeError("broken")
+
+        app = procrastinate.App(connector=InMemoryConnector())
+        instrument(app, tracer_provider=tracer_provider)
+        ran: list[dict[str, Any]] = []
+
+        @app.task(name="kw_local")
+        def kw_local(**kwargs: Any) -> None:
+            ran.append(kwargs)
+
+        kw_local.defer(x=1)
+        monkeypatch.setattr(contrib, "consume", broken)
+        with caplog.at_level("ERROR", logger="ctxkit"):
+            self.run_worker(app)
+        assert ran == [{"x": 1}]
+        assert "could not restore the context of procrastinate job 'kw_local'" in caplog.text
+
+
 class TestOptions:
     def test_not_an_app(self) -> None:
         """instrument() refuses what is not a procrastinate App, naming it."""

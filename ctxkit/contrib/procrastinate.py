@@ -108,19 +108,18 @@ def instrument(
 
         Worker: ``instrument`` puts a worker middleware first in
         ``app.worker_defaults["worker_middleware"]``, so workers made by ``app`` afterwards
-        (``procrastinate worker``, ``run_worker``) wrap every job in it; a worker given its
-        own ``worker_middleware=`` list replaces the defaults and must include it. For each
-        job it removes ``CARRIER_KWARG`` from the job's keyword arguments (the task never sees
-        it), then runs the job inside ``ctxkit.propagation.consume`` of it: the CONSUMER span
-        ``process {task name}`` (``messaging.system = "procrastinate"``,
+        (``procrastinate worker``, ``run_worker``) wrap every job in it; a worker given its own
+        ``worker_middleware=`` list replaces the defaults and must include it. For each job it takes
+        ``CARRIER_KWARG`` out of the job's keyword arguments while the job runs (the task never sees
+        it; it is put back after) and runs the job inside ``ctxkit.propagation.consume`` of it: the
+        CONSUMER span ``process {task name}`` (``messaging.system = "procrastinate"``,
         ``messaging.message.id`` the job id, ``ctxkit.queue``, ``ctxkit.attempt`` the job's
-        ``attempts + 1``), related to the send span as ``propagation`` says, with the vars
-        set only for that job -- async tasks and sync ones (run in a thread, which gets a
-        copy of the context) -- and reset after it, so nothing leaks into the next job of the
-        worker. A job that raises gets status ERROR and ``error.type``; the exception goes on
-        to procrastinate unchanged. The carrier is untrusted: a missing, malformed, oversized
-        or hostile one never fails the job -- it runs as a new root and the rejection is
-        counted and logged once.
+        ``attempts + 1``), related to the send span as ``propagation`` says, with the vars set only
+        for that job -- async tasks and sync ones (run in a thread, which gets a copy of the
+        context) -- and reset after it, so nothing leaks into the next job of the worker. A job that
+        raises gets status ERROR and ``error.type``; the exception goes on to procrastinate
+        unchanged. The carrier is untrusted: a missing, malformed, oversized or hostile one never
+        fails the job -- it runs as a new root and the rejection is counted and logged once.
 
         Retries: with ``retries="link"`` (default) a failing attempt that the task's retry
         strategy will retry writes its own carrier into the job row (``ctxkit-producer``: the
@@ -296,11 +295,21 @@ def _instrument_worker(app: procrastinate.App) -> None:
         app = ref()
         config = None if app is None else _configs.get(app)
         job = context.job
-        missing = object()
-        carrier = job.task_kwargs.pop(CARRIER_KWARG, missing)  # the task never sees it
-        if config is None:
-            return await call_next()
-        return await _process(config, app, job, {} if carrier is missing else carrier, call_next)
+        kwargs = job.task_kwargs
+        if CARRIER_KWARG not in kwargs:
+            if config is None:
+                return await call_next()
+            return await _process(config, app, job, {}, call_next)
+        # The worker calls the task with this very dict: take the carrier out of it for the
+        # job's run, and put it back after, leaving the job as it was found (a connector may
+        # keep the dict itself as the stored row, as procrastinate's in-memory one does).
+        carrier = kwargs.pop(CARRIER_KWARG)
+        try:
+            if config is None:
+                return await call_next()
+            return await _process(config, app, job, carrier, call_next)
+        finally:
+            kwargs[CARRIER_KWARG] = carrier
 
     defaults = app.worker_defaults
     middlewares = list(defaults.get("worker_middleware") or [])
