@@ -406,6 +406,7 @@ class TestWorker:
         assert seen["span_id"] == process["span_id"]
         assert seen["trace_id"] == process["trace_id"]
         assert f"{process['trace_id']} observed {key}" in worker.task_log()
+        assert seen["structlog"] == {"trace_id": process["trace_id"], "span_id": process["span_id"]}
         assert send.context is not None
         assert send.context.trace_id == server.trace_id
 
@@ -473,6 +474,7 @@ class TestWorker:
         assert seen["trace_id"] == fake
         assert process["attributes"]["ctxkit.fake_trace_id"] == fake
         assert f"{fake} observed {key}" in worker.task_log()
+        assert seen["structlog"]["trace_id"] == fake
 
 
 class TestRetries:

@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 import ctxkit
 from ctxkit.contrib.procrastinate import instrument
+from ctxkit.contrib.structlog import add_trace_ids
 from tests._spans import JsonlSpanExporter
 
 request_id: ContextVar[str] = ContextVar("request_id")
@@ -94,6 +95,7 @@ def _observe(key: str, kwargs: list[str]) -> None:
         "secret": secret.get(None),
         "kwargs": kwargs,
         "thread": threading.current_thread().name,
+        "structlog": add_trace_ids(None, "info", {}),
     }
     if OUT_DIR is not None:
         with _lock, (Path(OUT_DIR) / "observed.jsonl").open("a", encoding="utf-8") as file:
