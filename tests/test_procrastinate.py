@@ -713,27 +713,32 @@ class TestInProcessWorker:
         assert [link.context.span_id for link in second.links] == [int(hex_span(send), 16)]
         assert "could not save the context" in caplog.text
 
-    def test_failure_without_retry_writes_nothing(
+    @pytest.mark.parametrize(("retries", "retry"), [("link", 0), ("child", 1)])
+    def test_failure_without_a_carrier_write(
         self,
+        retries: Any,
+        retry: int,
         tracer_provider: TracerProvider,
         span_exporter: InMemorySpanExporter,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
-        """A failing job that its task does not retry gets an ERROR span and no carrier
-        write (so nothing is logged about one)."""
+        """A failing job that its task does not retry, or any failing job with
+        retries="child", gets an ERROR span and no carrier write (nothing logged about one)."""
         app = procrastinate.App(connector=InMemoryConnector())
-        instrument(app, tracer_provider=tracer_provider)
+        instrument(app, retries=retries, tracer_provider=tracer_provider)
 
-        @app.task(name="fail_local")
+        @app.task(name="fail_local", retry=retry)
         def fail_local() -> None:
             raise ValueError("no retry")
 
         fail_local.defer()
         with caplog.at_level("WARNING", logger="ctxkit"):
             self.run_worker(app)
-        [process] = [
+        processes = [
             s for s in span_exporter.get_finished_spans() if s.name == "process fail_local"
         ]
+        assert len(processes) == retry + 1
+        process = processes[-1]
         assert process.status.status_code == StatusCode.ERROR
         assert (process.attributes or {})["error.type"] == "ValueError"
         assert "could not save" not in caplog.text
@@ -765,6 +770,40 @@ class TestInProcessWorker:
             self.run_worker(app)
         assert ran == [{"x": 1}]
         assert "could not restore the context of procrastinate job 'kw_local'" in caplog.text
+
+    def test_failed_async_insert_ends_the_span_with_error(
+        self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
+    ) -> None:
+        """defer_async() refused (a queueing lock already taken) ends its send span with
+        ERROR; the exception reaches the caller unchanged."""
+        import asyncio
+
+        app = procrastinate.App(connector=InMemoryConnector())
+        instrument(app, tracer_provider=tracer_provider)
+
+        @app.task(name="locked", queueing_lock="one")
+        async def locked() -> None:
+            pass
+
+        async def produce() -> None:
+            async with app.open_async():
+                await locked.defer_async()
+                with pytest.raises(procrastinate.exceptions.AlreadyEnqueued):
+                    await locked.defer_async()
+
+        asyncio.run(produce())
+        spans = [s for s in span_exporter.get_finished_spans() if s.name == "send locked"]
+        assert [s.status.status_code for s in spans] == [StatusCode.UNSET, StatusCode.ERROR]
+
+    def test_attempt_of_a_job_with_a_bad_count(self) -> None:
+        """A job whose attempt count is not a non-negative int is attempt 1."""
+        from types import SimpleNamespace
+
+        from ctxkit.contrib.procrastinate import _attempt
+
+        assert _attempt(SimpleNamespace(attempts=2)) == 3  # type: ignore[arg-type]
+        for bad in (-1, True, None, "2"):
+            assert _attempt(SimpleNamespace(attempts=bad)) == 1  # type: ignore[arg-type]
 
 
 class TestOptions:

@@ -54,8 +54,6 @@ __all__ = ["CARRIER_KWARG", "instrument"]
 #: The task keyword argument the carrier travels in (reserved: a user's value is replaced).
 CARRIER_KWARG: Final = "_ctxkit"
 _SYSTEM: Final = "procrastinate"
-#: Marks a job manager whose defer methods ``instrument`` wrapped.
-_WRAPPED: Final = "_ctxkit_wrapped"
 #: Writes a failed attempt's carrier into its job row, for the retry to link to. The carrier
 #: is a JSON string cast by PostgreSQL, so it reads the same through every connector.
 _SAVE_CARRIER: Final = (
@@ -166,6 +164,12 @@ def instrument(
         _instrument_worker(app)
 
 
+def _config_of(ref: weakref.ref[procrastinate.App]) -> tuple[procrastinate.App, _Config] | None:
+    """Return an instrumented app and its options (registered before any wrapper exists)."""
+    app = ref()
+    return None if app is None else (app, _configs[app])
+
+
 # --- producer ------------------------------------------------------------------------------------
 
 
@@ -176,18 +180,15 @@ def _instrument_deferrer(app: procrastinate.App) -> None:
     manager's ``batch_defer_jobs``/``batch_defer_jobs_async``: the instance gets wrappers.
     """
     manager = app.job_manager
-    if getattr(manager, _WRAPPED, False):
-        return
     inner_async = manager.batch_defer_jobs_async
     inner_sync = manager.batch_defer_jobs
     ref = weakref.ref(app)
 
     async def batch_defer_jobs_async(jobs: list[Job], connection: Any | None = None) -> list[Job]:
-        app = ref()
-        config = None if app is None else _configs.get(app)
-        if config is None:
+        found = _config_of(ref)
+        if found is None:  # pragma: no cover - the manager outlived its app
             return await inner_async(jobs=jobs, connection=connection)
-        sends = _Sends(config, jobs)
+        sends = _Sends(found[1], jobs)
         token = sends.attach()
         try:
             deferred = await inner_async(jobs=sends.jobs, connection=connection)
@@ -201,11 +202,10 @@ def _instrument_deferrer(app: procrastinate.App) -> None:
         return deferred
 
     def batch_defer_jobs(jobs: list[Job], connection: Any | None = None) -> list[Job]:
-        app = ref()
-        config = None if app is None else _configs.get(app)
-        if config is None:
+        found = _config_of(ref)
+        if found is None:  # pragma: no cover - the manager outlived its app
             return inner_sync(jobs=jobs, connection=connection)
-        sends = _Sends(config, jobs)
+        sends = _Sends(found[1], jobs)
         token = sends.attach()
         try:
             deferred = inner_sync(jobs=sends.jobs, connection=connection)
@@ -220,7 +220,6 @@ def _instrument_deferrer(app: procrastinate.App) -> None:
 
     manager.batch_defer_jobs_async = batch_defer_jobs_async  # type: ignore[method-assign]
     manager.batch_defer_jobs = batch_defer_jobs  # type: ignore[method-assign]
-    setattr(manager, _WRAPPED, True)
 
 
 class _Sends:
@@ -292,21 +291,19 @@ def _instrument_worker(app: procrastinate.App) -> None:
     async def ctxkit_worker_middleware(
         call_next: Callable[[], Awaitable[Any]], context: JobContext, worker: Worker
     ) -> Any:
-        app = ref()
-        config = None if app is None else _configs.get(app)
+        found = _config_of(ref)
+        if found is None:  # pragma: no cover - a worker outlived its app
+            return await call_next()
+        app, config = found
         job = context.job
         kwargs = job.task_kwargs
-        if CARRIER_KWARG not in kwargs:
-            if config is None:
-                return await call_next()
+        if not isinstance(kwargs, dict) or CARRIER_KWARG not in kwargs:
             return await _process(config, app, job, {}, call_next)
         # The worker calls the task with this very dict: take the carrier out of it for the
         # job's run, and put it back after, leaving the job as it was found (a connector may
         # keep the dict itself as the stored row, as procrastinate's in-memory one does).
         carrier = kwargs.pop(CARRIER_KWARG)
         try:
-            if config is None:
-                return await call_next()
             return await _process(config, app, job, carrier, call_next)
         finally:
             kwargs[CARRIER_KWARG] = carrier
@@ -319,7 +316,7 @@ def _instrument_worker(app: procrastinate.App) -> None:
 
 async def _process(
     config: _Config,
-    app: procrastinate.App | None,
+    app: procrastinate.App,
     job: Job,
     carrier: object,
     call_next: Callable[[], Awaitable[Any]],
@@ -351,7 +348,8 @@ async def _process(
         result = await call_next()
     except BaseException as exc:
         try:
-            if config.retries == "link" and app is not None and message_id is not None:
+            # Not for a cancelled job (a worker shutting down): nothing is awaited then.
+            if config.retries == "link" and isinstance(exc, Exception) and message_id is not None:
                 await _save_retry_carrier(config, app, job, exc, message_id)
         finally:
             scope.__exit__(type(exc), exc, exc.__traceback__)
