@@ -795,6 +795,38 @@ class TestInProcessWorker:
         spans = [s for s in span_exporter.get_finished_spans() if s.name == "send locked"]
         assert [s.status.status_code for s in spans] == [StatusCode.UNSET, StatusCode.ERROR]
 
+    def test_send_span_is_current_during_the_insert(
+        self, tracer_provider: TracerProvider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The insert of a single job runs with its send span current (database
+        instrumentations see it as their parent); a batch's insert runs in the caller's."""
+        import asyncio
+
+        connector = InMemoryConnector()
+        app = procrastinate.App(connector=connector)
+        instrument(app, tracer_provider=tracer_provider)
+        current: list[str] = []
+        inner = connector.defer_jobs_all
+
+        async def recording(jobs: Any) -> Any:
+            current.append(getattr(trace.get_current_span(), "name", "?"))
+            return await inner(jobs)
+
+        monkeypatch.setattr(connector, "defer_jobs_all", recording)
+
+        @app.task(name="current")
+        async def current_task() -> None:
+            pass
+
+        async def produce() -> None:
+            async with app.open_async():
+                with tracer_provider.get_tracer("test").start_as_current_span("request"):
+                    await current_task.defer_async()
+                    await current_task.batch_defer_async({}, {})
+
+        asyncio.run(produce())
+        assert current == ["send current", "request"]
+
     def test_attempt_of_a_job_with_a_bad_count(self) -> None:
         """A job whose attempt count is not a non-negative int is attempt 1."""
         from types import SimpleNamespace
