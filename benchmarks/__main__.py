@@ -31,6 +31,7 @@ CASES: dict[str, tuple[str, str]] = {
     "7": ("case_trio", "spawn on trio vs nursery.start_soon and anyio"),
     "8": ("case_celery", "Celery per-job overhead vs opentelemetry-instrumentation-celery"),
     "9": ("case_threads", "spawn from a thread; ContextExecutor vs a plain executor"),
+    "10": ("case_procrastinate", "procrastinate per-job overhead vs procrastinate alone"),
 }
 
 _PACKAGES = (
@@ -40,6 +41,7 @@ _PACKAGES = (
     "opentelemetry-instrumentation-asyncio",
     "opentelemetry-instrumentation-celery",
     "celery",
+    "procrastinate",
     "aiojobs",
     "anyio",
     "trio",

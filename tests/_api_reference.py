@@ -31,6 +31,7 @@ MODULES = (
     "ctxkit.testing",
     "ctxkit.contrib.asgi",
     "ctxkit.contrib.celery",
+    "ctxkit.contrib.procrastinate",
     "ctxkit.contrib.structlog",
     "ctxkit.contrib.taskiq",
 )

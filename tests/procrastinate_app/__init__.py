@@ -1,0 +1,1 @@
+"""A procrastinate app run by a real worker process in the tests."""
