@@ -12,6 +12,7 @@ import contextvars
 import itertools
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -27,11 +28,17 @@ from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
 from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 
 import ctxkit
 from ctxkit import propagation
 from ctxkit.contrib.dramatiq import OPTION, CtxkitMiddleware, _attempt
+from ctxkit.sampling import LinkAwareSampler
 
 from ._servers import REPO, TIMEOUT, redis_url, stop
 
@@ -43,8 +50,7 @@ if TYPE_CHECKING:
 
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace import ReadableSpan
 
 Mode = Literal["child", "link", "none"]
 T = TypeVar("T")
@@ -186,7 +192,10 @@ def make_stub(
             raise RuntimeError(f"run {runs[key]} failed")
 
     actors: dict[str, dramatiq.Actor[Any, Any]] = {
-        "observe": dramatiq.actor(broker=broker, actor_name="observe", max_retries=0)(observe),
+        # after "fail" when both wait (the leak test sends that one first): a larger number
+        "observe": dramatiq.actor(broker=broker, actor_name="observe", max_retries=0, priority=10)(
+            observe
+        ),
         "fail": dramatiq.actor(broker=broker, actor_name="fail", max_retries=0)(fail),
         "flaky": dramatiq.actor(
             broker=broker, actor_name="flaky", max_retries=5, min_backoff=1, max_backoff=5
@@ -669,3 +678,87 @@ class TestRedisWorker:
             assert f"({reason})" in log, log
         assert "evil" not in log
         assert worker.process.poll() is None
+
+
+# --- sampling across the queue: LinkAwareSampler end to end --------------------------------------
+
+
+class SeededIds(IdGenerator):
+    """Random ids from a seeded generator: the sampled fractions below are reproducible."""
+
+    def __init__(self, seed: int) -> None:
+        self._random = random.Random(seed)
+
+    def generate_span_id(self) -> int:
+        return self._random.getrandbits(64) or 1
+
+    def generate_trace_id(self) -> int:
+        return self._random.getrandbits(128) or 1
+
+
+class TestSampling:
+    REQUESTS = 1000
+    RETRIED = 10  # every tenth job fails once, and its retry is a new, linked trace
+
+    def test_link_aware_sampler_keeps_the_jobs_of_kept_requests(self) -> None:
+        """1,000 requests each send one job, ParentBased(TraceIdRatioBased(0.1)) under
+        LinkAwareSampler on both sides (two providers, as in two processes). Every kept request
+        keeps its job's trace and its retry's linked trace; about 10% of everything is kept;
+        the retry of a dropped request is kept only as the worker's ratio picks it."""
+        web_exporter, worker_exporter = InMemorySpanExporter(), InMemorySpanExporter()
+        web = TracerProvider(
+            sampler=LinkAwareSampler(ParentBased(TraceIdRatioBased(0.1))), id_generator=SeededIds(1)
+        )
+        worker_side = TracerProvider(
+            sampler=LinkAwareSampler(ParentBased(TraceIdRatioBased(0.1))), id_generator=SeededIds(2)
+        )
+        web.add_span_processor(SimpleSpanProcessor(web_exporter))
+        worker_side.add_span_processor(SimpleSpanProcessor(worker_exporter))
+        broker = StubBroker()
+        broker.add_middleware(CtxkitMiddleware(tracer_provider=worker_side))
+        failed: set[int] = set()
+
+        def job(number: int) -> None:
+            if number % self.RETRIED == 0 and number not in failed:
+                failed.add(number)
+                raise RuntimeError("first attempt fails")
+
+        actor = dramatiq.actor(broker=broker, actor_name="job", min_backoff=1, max_backoff=5)(job)
+        sender = CtxkitMiddleware(tracer_provider=web)  # the web app's own broker middleware
+        web_broker = StubBroker()
+        web_broker.add_middleware(sender)
+        web_broker.queues = broker.queues  # the same queue, as Redis would be
+        web_actor = dramatiq.actor(broker=web_broker, actor_name="job")(job)
+        requests: dict[str, bool] = {}
+        retried: set[str] = set()
+        tracer = web.get_tracer("web")
+        for number in range(self.REQUESTS):
+            with tracer.start_as_current_span("GET /order", kind=SpanKind.SERVER) as server:
+                web_actor.send(number)
+            context = server.get_span_context()
+            requests[f"{context.trace_id:032x}"] = context.trace_flags.sampled
+            if number % self.RETRIED == 0:
+                retried.add(f"{context.trace_id:032x}")
+        assert actor.actor_name == "job"
+        Stub(broker, [], {}).run()
+        web.shutdown()
+        worker_side.shutdown()
+
+        processes = finished(worker_exporter, "process job")
+        first = [p for p in processes if (p.attributes or {})["ctxkit.attempt"] == 1]
+        retries = [p for p in processes if (p.attributes or {})["ctxkit.attempt"] == 2]
+        kept = {trace_id for trace_id, sampled in requests.items() if sampled}
+        # every kept request keeps its job: a child, in the request's own trace
+        assert {hex_trace(p) for p in first} == kept
+        # and the retry of its job: a new trace, kept because it links to a kept trace
+        linked = {str((p.attributes or {})["ctxkit.linked_trace_id"]) for p in retries}
+        assert kept & retried <= linked
+        assert kept & retried  # the check above is not empty
+        # a dropped request's retry is a root the worker's ratio decides on its own
+        orphans = linked - kept
+        assert orphans <= retried - kept
+        assert len(orphans) <= len(retried - kept) // 4
+        # about 10% of all traces (requests, and the retries' own traces) is kept
+        assert 60 <= len(kept) <= 140, len(kept)
+        traces = len(requests) + len(retried)
+        assert 0.06 <= (len(kept) + len(retries)) / traces <= 0.15, (len(kept), len(retries))
