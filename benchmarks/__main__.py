@@ -31,6 +31,8 @@ CASES: dict[str, tuple[str, str]] = {
     "7": ("case_trio", "spawn on trio vs nursery.start_soon and anyio"),
     "8": ("case_celery", "Celery per-job overhead vs opentelemetry-instrumentation-celery"),
     "9": ("case_threads", "spawn from a thread; ContextExecutor vs a plain executor"),
+    "10": ("case_dramatiq", "dramatiq per-job overhead vs dramatiq without ctxkit"),
+    "11": ("case_arq", "arq per-job overhead vs arq without ctxkit (run in .venv-arq)"),
 }
 
 _PACKAGES = (
@@ -40,6 +42,8 @@ _PACKAGES = (
     "opentelemetry-instrumentation-asyncio",
     "opentelemetry-instrumentation-celery",
     "celery",
+    "dramatiq",
+    "arq",
     "aiojobs",
     "anyio",
     "trio",

@@ -29,8 +29,10 @@ MODULES = (
     "ctxkit.propagation",
     "ctxkit.sampling",
     "ctxkit.testing",
+    "ctxkit.contrib.arq",
     "ctxkit.contrib.asgi",
     "ctxkit.contrib.celery",
+    "ctxkit.contrib.dramatiq",
     "ctxkit.contrib.structlog",
     "ctxkit.contrib.taskiq",
 )

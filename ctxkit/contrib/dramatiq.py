@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
     from .._trace import Propagation, Retries
 
-__all__ = ["CtxkitMiddleware"]
+__all__ = ["OPTION", "CtxkitMiddleware"]
 
 _SYSTEM: Final = "dramatiq"
 #: The message option that holds the carrier.
