@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import itertools
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -21,7 +22,7 @@ import time
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pytest
 import pytest_asyncio
@@ -132,7 +133,11 @@ class Local:
         seen = self.seen
 
         def observation() -> dict[str, object]:
+            record = logging.LogRecord("app", logging.INFO, __file__, 1, "msg", (), None)
+            ctxkit.TraceIdFilter().filter(record)
             return {
+                "record_trace_id": getattr(record, "trace_id", None),
+                "record_span_id": getattr(record, "span_id", None),
                 "trace_id": ctxkit.current_trace_id(),
                 "span": trace.get_current_span().get_span_context(),
                 "request_id": request_id.get(None),
@@ -351,7 +356,7 @@ class TestInProcess:
         local: Local = await make_local(meter_provider=meter_provider)
         plain = await create_pool(local.settings, default_queue_name=local.queue)
         try:  # an uninstrumented pool: the carrier goes as given
-            await plain.enqueue_job("observe", **{KWARG: carrier})
+            await plain.enqueue_job("observe", _ctxkit=carrier)  # KWARG, as a hostile sender
         finally:
             await plain.aclose()
         await local.run()
@@ -390,6 +395,21 @@ class TestInProcess:
         await local.run()
         assert local.seen[0]["trace_id"] == fake
 
+    @pytest.mark.asyncio
+    async def test_logs_agree_with_the_span(
+        self, make_local: Callable[..., Any], tracer_provider: TracerProvider
+    ) -> None:
+        """In the job, current_trace_id() and TraceIdFilter give the process span's ids."""
+        local: Local = await make_local()
+        with tracer_provider.get_tracer("test").start_as_current_span("GET /log"):
+            await local.pool.enqueue_job("observe")
+        await local.run()
+        (seen,) = local.seen
+        span = seen["span"]
+        assert isinstance(span, trace.SpanContext)
+        assert seen["trace_id"] == seen["record_trace_id"] == f"{span.trace_id:032x}"
+        assert seen["record_span_id"] == f"{span.span_id:016x}"
+
     def test_constructor_and_arguments_are_checked(self) -> None:
         with pytest.raises(ValueError, match="'sideways'"):
             CtxkitArq(propagation="sideways")  # type: ignore[arg-type]
@@ -406,6 +426,7 @@ class TestInProcess:
             CtxkitArq().functions(lambda ctx: None)
 
     def test_attempt(self) -> None:
+        assert KWARG == "_ctxkit"  # the name the hostile-payload tests write as a literal
         assert _attempt(None) == 1
         assert _attempt(1) == 1
         assert _attempt(3) == 3
@@ -510,7 +531,8 @@ async def producer(
 
 async def seen_at(pool: ArqRedis, key: str, count: int = 1) -> list[dict[str, Any]]:
     async def probe() -> list[bytes] | None:
-        items: list[bytes] = await pool.lrange(key, 0, -1)
+        pending: Any = pool.lrange(key, 0, -1)  # redis-py types it sync-or-async
+        items = cast("list[bytes]", await pending)
         return items if len(items) >= count else None
 
     found: list[bytes] = await eventually(probe)
@@ -640,7 +662,7 @@ class TestWorkerProcess:
             ):
                 key = f"seen:{uuid.uuid4().hex}"
                 keys.append(key)
-                await plain.enqueue_job("observe", key, **{KWARG: carrier})
+                await plain.enqueue_job("observe", key, _ctxkit=carrier)  # KWARG
             for key in keys:
                 (seen,) = await seen_at(plain, key)
                 assert seen["request_id"] is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import json
+import logging
 import os
 import random
 import subprocess
@@ -38,6 +39,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 import ctxkit
 from ctxkit import propagation
 from ctxkit.contrib.dramatiq import OPTION, CtxkitMiddleware, _attempt
+from ctxkit.contrib.structlog import add_trace_ids
 from ctxkit.sampling import LinkAwareSampler
 
 from ._servers import REPO, TIMEOUT, redis_url, stop
@@ -397,6 +399,49 @@ class TestStub:
         stub.broker.middleware[-1]._tracer_provider = tracer_provider  # type: ignore[attr-defined]
         stub.run()
         assert stub.seen[0]["trace_id"] == fake
+
+    @pytest.mark.parametrize("traced", [True, False])
+    def test_logs_agree_with_the_span(self, traced: bool, tracer_provider: TracerProvider) -> None:
+        """In the actor, current_trace_id(), TraceIdFilter and the structlog processor give
+        the same ids: the process span's, or the producer's fake trace id without a trace."""
+        stub = make_stub("child", tracer_provider)
+        seen: list[tuple[str | None, str, str, object, object]] = []
+        record_filter = ctxkit.TraceIdFilter()
+
+        def log_ids() -> None:
+            record = logging.LogRecord("app", logging.INFO, __file__, 1, "msg", (), None)
+            record_filter.filter(record)
+            event = add_trace_ids(None, "info", {})
+            seen.append(
+                (
+                    ctxkit.current_trace_id(),
+                    str(getattr(record, "trace_id", "")),
+                    str(getattr(record, "span_id", "")),
+                    event.get("trace_id"),
+                    event.get("span_id"),
+                )
+            )
+
+        actor = dramatiq.actor(broker=stub.broker, actor_name="log_ids")(log_ids)
+        if traced:
+            with tracer_provider.get_tracer("test").start_as_current_span("GET /log"):
+                actor.send()
+            expected = None
+        else:
+            context = ctxkit.clone_without_span()
+            expected = context.run(ctxkit.current_trace_id)
+            stub.broker.middleware[-1]._tracer_provider = trace.NoOpTracerProvider()  # type: ignore[attr-defined]
+            context.run(actor.send)
+            stub.broker.middleware[-1]._tracer_provider = tracer_provider  # type: ignore[attr-defined]
+        stub.run()
+        ((current, record_trace, record_span, event_trace, event_span),) = seen
+        assert current is not None
+        assert current == record_trace == event_trace
+        assert record_span == event_span
+        if expected is not None:
+            assert current == expected  # the producer's fake id reached the logs
+        else:
+            assert len(record_span) == 16
 
     def test_constructor_checks_its_arguments(self) -> None:
         with pytest.raises(ValueError, match="'sideways'"):

@@ -37,7 +37,7 @@ from opentelemetry import trace
 from .._clone import as_var_tuple, check_propagation
 from .._logging import logger
 from .._w3c import format_traceparent
-from ..propagation import PREVIOUS, _check_retries, _selected, consume
+from ..propagation import PREVIOUS, _check_retries, _owned_keys, _selected, consume
 from ._messaging import inject_in_span, send_span
 
 if TYPE_CHECKING:
@@ -125,6 +125,7 @@ class CtxkitArq:
         self._baggage = bool(baggage)
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
+        self._keys = _owned_keys(None, self._baggage)
 
     # --- producer --------------------------------------------------------------------------------
 
@@ -192,7 +193,8 @@ class CtxkitArq:
                 raise TypeError(
                     f"functions() takes coroutine functions or arq Function objects, got {item!r}"
                 )
-            wrapped.append(dataclasses.replace(item, coroutine=self._wrap(name, coroutine)))
+            run: Any = self._wrap(name, coroutine)  # an arq WorkerCoroutine
+            wrapped.append(dataclasses.replace(item, coroutine=run))
         return wrapped
 
     def _wrap(
@@ -205,7 +207,7 @@ class CtxkitArq:
             message_id = job_id if isinstance(job_id, str) else None
             attempt = _attempt(ctx.get("job_try"))
             if attempt > 1 and message_id is not None and isinstance(carrier, Mapping):
-                carrier = await _with_previous(ctx, message_id, carrier)
+                carrier = await _with_previous(ctx, message_id, carrier, self._keys)
             try:
                 scope = consume(
                     carrier,
@@ -262,9 +264,12 @@ async def _leave_previous(ctx: Mapping[str, Any], job_id: str, span: trace.Span)
 
 
 async def _with_previous(
-    ctx: Mapping[str, Any], job_id: str, carrier: Mapping[str, Any]
+    ctx: Mapping[str, Any], job_id: str, carrier: Mapping[str, Any], keys: frozenset[str]
 ) -> Mapping[str, Any]:
-    """Return ``carrier`` with the previous attempt's span, if one was kept, as ``PREVIOUS``."""
+    """Return the ``keys`` of ``carrier``, with the previous attempt's span as ``PREVIOUS``.
+
+    Only the keys ctxkit reads are copied: a hostile carrier's size costs nothing here.
+    """
     redis = ctx.get("redis")
     if redis is None:
         return carrier
@@ -277,6 +282,6 @@ async def _with_previous(
         value = value.decode("ascii", "replace")
     if not isinstance(value, str):
         return carrier
-    fixed = {k: v for k, v in carrier.items() if k != PREVIOUS}
+    fixed = {key: carrier[key] for key in keys if key in carrier}
     fixed[PREVIOUS] = value  # validated like any carrier value when read
     return fixed
