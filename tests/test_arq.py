@@ -434,6 +434,154 @@ class TestInProcess:
             assert _attempt(bad) == 1
 
 
+# --- the wrapper called directly: edges a worker rarely reaches ---------------------------------
+
+
+class FakeRedis:
+    """Stands for the worker's ``ctx["redis"]``: a dict, or failing on every call."""
+
+    def __init__(self, failing: bool = False, value: object = None) -> None:
+        self.failing = failing
+        self.values: dict[str, object] = {}
+        self.value = value
+
+    async def setex(self, key: str, ttl: int, value: str) -> None:
+        if self.failing:
+            raise ConnectionError("redis is down")
+        self.values[key] = value
+
+    async def get(self, key: str) -> object:
+        if self.failing:
+            raise ConnectionError("redis is down")
+        return self.value if self.value is not None else self.values.get(key)
+
+
+async def top_level_job(ctx: dict[str, Any]) -> dict[str, object]:
+    return {"request_id": request_id.get(None), "span": trace.get_current_span()}
+
+
+class TestWrapper:
+    @pytest.mark.asyncio
+    async def test_plain_coroutine_function_keeps_its_name(
+        self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
+    ) -> None:
+        (function,) = CtxkitArq(vars=(request_id,), tracer_provider=tracer_provider).functions(
+            top_level_job
+        )
+        assert function.name == "top_level_job"
+        carrier: dict[str, str] = propagation.inject(
+            {}, vars=(request_id,), context=self._with_request_id()
+        )
+        seen = await function.coroutine({"job_id": "j", "job_try": 1}, _ctxkit=carrier)
+        assert seen["request_id"] == "r-direct"
+        assert request_id.get(None) is None
+        (process,) = finished(span_exporter, "process top_level_job")
+        assert (process.attributes or {})["messaging.message.id"] == "j"
+
+    @staticmethod
+    def _with_request_id() -> contextvars.Context:
+        context = contextvars.Context()
+        context.run(request_id.set, "r-direct")
+        return context
+
+    @pytest.mark.asyncio
+    async def test_failed_attempt_is_kept_for_the_next_one(
+        self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
+    ) -> None:
+        async def job(ctx: dict[str, Any]) -> None:
+            if ctx["job_try"] == 1:
+                raise Retry(defer=1)
+
+        instrumentation = CtxkitArq(tracer_provider=tracer_provider)
+        (function,) = instrumentation.functions(func(job, name="job"))
+        redis = FakeRedis()
+        carrier: dict[str, str] = propagation.inject({})
+        with pytest.raises(Retry):
+            await function.coroutine({"job_id": "j", "job_try": 1, "redis": redis}, _ctxkit=carrier)
+        (first,) = finished(span_exporter, "process job")
+        assert list(redis.values) == ["ctxkit:arq:previous:j"]
+        await function.coroutine({"job_id": "j", "job_try": 2, "redis": redis}, _ctxkit=carrier)
+        second = finished(span_exporter, "process job")[1]
+        assert [link.context.span_id for link in second.links] == [first.context.span_id]
+
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize(
+        "redis",
+        [None, FakeRedis(failing=True), FakeRedis(value=12345)],
+        ids=["none", "down", "odd"],
+    )
+    async def test_redis_trouble_only_loses_the_previous_link(
+        self,
+        redis: FakeRedis | None,
+        tracer_provider: TracerProvider,
+        span_exporter: InMemorySpanExporter,
+    ) -> None:
+        async def job(ctx: dict[str, Any]) -> None:
+            raise RuntimeError("fails")
+
+        (function,) = CtxkitArq(tracer_provider=tracer_provider).functions(func(job, name="job"))
+        for job_try in (1, 2):
+            with pytest.raises(RuntimeError):
+                await function.coroutine(
+                    {"job_id": "j", "job_try": job_try, "redis": redis}, _ctxkit={}
+                )
+        _, second = finished(span_exporter, "process job")
+        assert (second.attributes or {})["ctxkit.attempt"] == 2
+        assert list(second.links) == []
+        assert second.status.status_code is StatusCode.ERROR
+
+    @pytest.mark.asyncio
+    async def test_cancelled_job_ends_its_span_and_resets(
+        self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
+    ) -> None:
+        async def job(ctx: dict[str, Any]) -> None:
+            assert request_id.get(None) == "r-direct"
+            raise asyncio.CancelledError
+
+        (function,) = CtxkitArq(vars=(request_id,), tracer_provider=tracer_provider).functions(
+            func(job, name="job")
+        )
+        carrier: dict[str, str] = propagation.inject(
+            {}, vars=(request_id,), context=self._with_request_id()
+        )
+        with pytest.raises(asyncio.CancelledError):
+            await function.coroutine({"job_id": "j", "job_try": 1}, _ctxkit=carrier)
+        (process,) = finished(span_exporter, "process job")
+        assert process.status.status_code is StatusCode.ERROR
+        assert request_id.get(None) is None
+
+    @pytest.mark.asyncio
+    async def test_a_context_that_cannot_be_restored_is_logged_and_the_job_runs(
+        self, tracer_provider: TracerProvider, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        twin: ContextVar[str] = ContextVar("request_id")
+        (function,) = CtxkitArq(vars=(request_id,), tracer_provider=tracer_provider).functions(
+            top_level_job
+        )
+        ctxkit.register(twin)  # a var registered later with a clashing name (conftest resets)
+        with caplog.at_level(logging.ERROR, logger="ctxkit"):
+            seen = await function.coroutine({"job_id": "j"}, _ctxkit={})
+        assert seen["request_id"] is None
+        assert "could not restore the context of arq job 'top_level_job'" in caplog.text
+
+    @pytest.mark.asyncio
+    async def test_a_failing_enqueue_ends_the_send_span(
+        self, tracer_provider: TracerProvider, span_exporter: InMemorySpanExporter
+    ) -> None:
+        class Refusing:
+            async def enqueue_job(self, function: str, *args: Any, **kwargs: Any) -> None:
+                assert isinstance(kwargs[KWARG], dict)
+                raise ConnectionError("redis is down")
+
+        pool = CtxkitArq(tracer_provider=tracer_provider).instrument(Refusing())
+        with pytest.raises(ConnectionError):
+            await pool.enqueue_job("job")
+        (send,) = finished(span_exporter, "send job")
+        assert send.status.status_code is StatusCode.ERROR
+        assert (send.attributes or {})["error.type"] == "ConnectionError"
+        assert trace.get_current_span() is trace.INVALID_SPAN
+
+
 # --- real worker processes -----------------------------------------------------------------------
 
 

@@ -443,6 +443,29 @@ class TestStub:
         else:
             assert len(record_span) == 16
 
+    def test_unserialisable_var_ends_the_send_span_and_the_message_goes_without(
+        self,
+        tracer_provider: TracerProvider,
+        span_exporter: InMemorySpanExporter,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """dramatiq swallows a middleware's error while enqueueing: the send span ends with
+        ERROR, dramatiq logs it, and the message goes (and runs) without a carrier."""
+        stub = make_stub("child", tracer_provider)
+
+        def produce() -> Message[Any]:
+            tenant.set(object())  # not JSON-representable
+            return stub.actors["observe"].send()
+
+        message = in_request(produce)
+        assert OPTION not in message.options
+        (send,) = finished(span_exporter, "send observe")
+        assert send.status.status_code is StatusCode.ERROR
+        assert (send.attributes or {})["error.type"] == "TypeError"
+        assert "before_enqueue" in caplog.text
+        stub.run()
+        assert [s["tenant"] for s in stub.seen] == [None]
+
     def test_constructor_checks_its_arguments(self) -> None:
         with pytest.raises(ValueError, match="'sideways'"):
             CtxkitMiddleware(propagation="sideways")  # type: ignore[arg-type]
