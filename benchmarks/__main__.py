@@ -32,6 +32,8 @@ CASES: dict[str, tuple[str, str]] = {
     "8": ("case_celery", "Celery per-job overhead vs opentelemetry-instrumentation-celery"),
     "9": ("case_threads", "spawn from a thread; ContextExecutor vs a plain executor"),
     "10": ("case_procrastinate", "procrastinate per-job overhead vs procrastinate alone"),
+    "11": ("case_dramatiq", "dramatiq per-job overhead vs dramatiq without ctxkit"),
+    "12": ("case_arq", "arq per-job overhead vs arq without ctxkit (run in .venv-arq)"),
 }
 
 _PACKAGES = (
@@ -42,6 +44,8 @@ _PACKAGES = (
     "opentelemetry-instrumentation-celery",
     "celery",
     "procrastinate",
+    "dramatiq",
+    "arq",
     "aiojobs",
     "anyio",
     "trio",

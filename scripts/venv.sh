@@ -2,7 +2,8 @@
 # Usage: scripts/venv.sh VERSION DIR [CONSTRAINTS]
 #
 # Make DIR a virtual environment of Python VERSION (3.11, 3.12, ...) holding ctxkit in editable
-# mode with its test extra, optionally under a pip constraints file (constraints/lowest.txt).
+# mode with its test extra (or the extra named by CTXKIT_VENV_EXTRA), optionally under a pip
+# constraints file (constraints/lowest.txt).
 # The interpreter is found through pyenv (`pyenv prefix VERSION`), else as pythonVERSION on
 # PATH, else, for 3.14 and 3.15, installed from Debian's pinned packages by
 # scripts/python-from-debian.sh; a missing one is an error that says so. An interpreter without
@@ -89,9 +90,10 @@ if [ "$actual" != "$version" ]; then
     exit 1
 fi
 
-stamp="$dir/.installed-test"
+extra=${CTXKIT_VENV_EXTRA:-test}  # test-arq: the arq tests' venv (see pyproject.toml)
+stamp="$dir/.installed-$extra"
 inputs=(pyproject.toml)
-args=(-e ".[test]")
+args=(-e ".[$extra]")
 if [ -n "$constraints" ]; then
     inputs+=("$constraints")
     args+=(-c "$constraints")

@@ -29,9 +29,11 @@ MODULES = (
     "ctxkit.propagation",
     "ctxkit.sampling",
     "ctxkit.testing",
+    "ctxkit.contrib.arq",
     "ctxkit.contrib.asgi",
     "ctxkit.contrib.celery",
     "ctxkit.contrib.procrastinate",
+    "ctxkit.contrib.dramatiq",
     "ctxkit.contrib.structlog",
     "ctxkit.contrib.taskiq",
 )

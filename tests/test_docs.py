@@ -55,7 +55,7 @@ OPTIONAL = {
     "celery": "docs/celery.md: a recipe for Celery users",
     "opentelemetry.propagators.b3": "docs/propagation.md: the B3 propagator package",
     "sentry_sdk": "docs/faq.md: an error hook example",
-    "arq": "docs/propagation.md: the arq recipe",
+    "arq": "docs/arq.md: arq is tested in a venv of its own (make test-arq)",
     "flask": "docs/threads.md: a Flask app factory",
 }
 _OPEN = re.compile(r"^```(?P<lang>[\w-]*)(?P<info>.*)$")

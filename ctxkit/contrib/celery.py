@@ -42,6 +42,7 @@ from ..propagation import (
     extract,
     inject,
 )
+from ._messaging import send_attributes
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -371,19 +372,11 @@ def _publish(
         # request's own, whose ctxkit keys describe the previous attempt: leave them out.
         options = {**options, "headers": {k: v for k, v in extra.items() if k not in config.keys}}
     context = _source_context(config)
-    attributes: dict[str, Any] = {
-        "messaging.system": _SYSTEM,
-        "messaging.operation.name": "send",
-        "messaging.operation.type": "send",
-        "messaging.destination.name": task_name,
-    }
-    if message_id is not None:
-        attributes["messaging.message.id"] = message_id
     span = get_tracer(config.tracer_provider).start_span(
         f"send {task_name}",
         context=context.run(otel_context.get_current),
         kind=trace.SpanKind.PRODUCER,
-        attributes=attributes,
+        attributes=send_attributes(_SYSTEM, task_name, message_id),
     )
     try:
         context.run(otel_context.attach, trace.set_span_in_context(span))

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
 
 try:
     from taskiq import TaskiqMiddleware
@@ -47,6 +46,8 @@ from ..propagation import (
     consume,
     inject,
 )
+from ._messaging import Send as _Send
+from ._messaging import send_attributes
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -67,26 +68,6 @@ _SEND_SPAN: Final = "_ctxkit_send_span"
 _RETRIES_LABEL: Final = "_retries"
 #: Marks a broker whose ``kick`` ends the send spans of the messages it fails to send.
 _KICK_WRAPPED: Final = "_ctxkit_kick_wrapped"
-
-
-class _Send:
-    """One send span between ``pre_send`` and ``post_send``; ends it exactly once."""
-
-    __slots__ = ("__weakref__", "span")
-
-    def __init__(self, span: trace.Span) -> None:
-        self.span: trace.Span | None = span
-
-    def end(self, exc: BaseException | None = None, description: str | None = None) -> None:
-        span, self.span = self.span, None
-        if span is None:
-            return
-        if exc is not None:
-            mark_error(span, exc)
-        elif description is not None:
-            span.set_status(Status(StatusCode.ERROR, description))
-            span.set_attribute("error.type", "_OTHER")
-        span.end()
 
 
 #: Sends in flight, by task id: a failing ``kick`` ends its message's span through this.
@@ -231,13 +212,7 @@ class CtxkitMiddleware(TaskiqMiddleware):
         span = get_tracer(self._tracer_provider).start_span(
             f"send {message.task_name}",
             kind=trace.SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": _SYSTEM,
-                "messaging.operation.name": "send",
-                "messaging.operation.type": "send",
-                "messaging.destination.name": message.task_name,
-                "messaging.message.id": message.task_id,
-            },
+            attributes=send_attributes(_SYSTEM, message.task_name, message.task_id),
         )
         # Inject from a private copy where the send span is current: nothing is attached to
         # the caller's context, so nothing has to be detached from it.
