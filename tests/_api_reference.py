@@ -31,6 +31,8 @@ MODULES = (
     "ctxkit.testing",
     "ctxkit.contrib.asgi",
     "ctxkit.contrib.celery",
+    "ctxkit.contrib.litestar",
+    "ctxkit.contrib.starlette",
     "ctxkit.contrib.structlog",
     "ctxkit.contrib.taskiq",
 )

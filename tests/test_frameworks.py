@@ -9,23 +9,43 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
+import litestar
 import pytest
+from fastapi import FastAPI
+from litestar import Litestar
+from litestar import Response as LitestarResponse
+from litestar.background_tasks import BackgroundTask as LitestarTask
+from litestar.background_tasks import BackgroundTasks as LitestarTasks
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask, BackgroundTasks
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+import ctxkit
+import ctxkit.contrib.litestar as litestar_module
+import ctxkit.contrib.starlette as starlette_module
+from ctxkit.contrib.litestar import CtxkitPlugin
+from ctxkit.contrib.starlette import detach_background_tasks
 
 from ._servers import free_port, stop
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+
+    from starlette.requests import Request
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 30.0
@@ -393,3 +413,260 @@ class TestAppsNotSetUp:
                 # a def endpoint's vars were set in its worker thread's copy: lost
                 assert f"vars w{suffix} selected=None session=None" in messages
             assert task_spans(server, "") == []
+
+
+class TestSetUp:
+    def test_options_are_checked_at_set_up(self) -> None:
+        """Bad options fail at set-up with ctxkit.spawn's messages, before anything is added."""
+
+        app = FastAPI()
+        with pytest.raises(ValueError, match="propagation"):
+            detach_background_tasks(app, propagation="sideways")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="timeout must be a number"):
+            detach_background_tasks(app, timeout="1")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="timeout must be a positive"):
+            detach_background_tasks(app, timeout=0)
+        with pytest.raises(TypeError, match="ContextVar"):
+            detach_background_tasks(app, vars=["not a var"])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match="vars must be a tuple or list"):
+            detach_background_tasks(app, vars={1})  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="needs span=True"):
+            detach_background_tasks(app, span=False, propagation="link")
+        assert app.user_middleware == []
+        with pytest.raises(TypeError, match="Starlette or FastAPI application"):
+            detach_background_tasks(object())
+        with pytest.raises(ValueError, match="drain_timeout"):
+            CtxkitPlugin(drain_timeout=-1)
+        with pytest.raises(TypeError, match="on_error"):
+            CtxkitPlugin(on_error=lambda_async)
+        with pytest.raises(ValueError, match="timeout must be a positive"):
+            CtxkitPlugin(timeout=-1)
+
+    def test_setting_up_twice_adds_one_middleware_and_keeps_the_last_options(self) -> None:
+        """The second call replaces the options; the app keeps one switch."""
+
+        app = Starlette()
+        detach_background_tasks(app, timeout=1)
+        detach_background_tasks(app, timeout=2)
+        assert len(app.user_middleware) == 1
+        holder = app._ctxkit_detach  # type: ignore[attr-defined]
+        assert holder.config.timeout == 2.0
+
+    def test_an_unknown_starlette_shape_fails_at_set_up(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A BackgroundTask that does not keep func, args and kwargs is refused at set-up."""
+
+        class BackgroundTask:
+            def __init__(self, func: object, *args: object, **kwargs: object) -> None:
+                self.call = (func, args, kwargs)
+
+            async def __call__(self) -> None: ...
+
+        class BackgroundTasks(BackgroundTask):
+            def __init__(self) -> None:
+                self.tasks: list[BackgroundTask] = []
+
+        fake = type(sys)("starlette.background")
+        fake.BackgroundTask = BackgroundTask  # type: ignore[attr-defined]
+        fake.BackgroundTasks = BackgroundTasks  # type: ignore[attr-defined]
+        monkeypatch.setattr(starlette_module, "background", fake)
+        app = Starlette()
+        with pytest.raises(RuntimeError, match="does not have the shape ctxkit knows"):
+            starlette_module.detach_background_tasks(app)
+        assert app.user_middleware == []
+
+    def test_an_unknown_litestar_shape_fails_at_set_up(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A BackgroundTask whose ``fn`` cannot be set is refused when the plugin is made."""
+
+        class BackgroundTask:
+            __slots__ = ("args", "kwargs")
+
+            def __init__(self, fn: object, *args: object, **kwargs: object) -> None:
+                self.args, self.kwargs = args, kwargs
+
+            async def __call__(self) -> None: ...
+
+        class BackgroundTasks:
+            async def __call__(self) -> None: ...
+
+        fake = type(sys)("litestar.background_tasks")
+        fake.BackgroundTask = BackgroundTask  # type: ignore[attr-defined]
+        fake.BackgroundTasks = BackgroundTasks  # type: ignore[attr-defined]
+        monkeypatch.setattr(litestar_module, "background_tasks", fake)
+        with pytest.raises(RuntimeError, match="does not have the shape ctxkit knows"):
+            litestar_module.CtxkitPlugin()
+
+
+async def lambda_async(failure: object) -> None:
+    """An ``async def`` on_error: refused, the runner would never await it."""
+
+
+class TestMounted:
+    @pytest.mark.anyio
+    async def test_mounted_apps_follow_the_app_that_serves_the_request(self) -> None:
+        """A sub-app mounted in a set-up app is detached with it; an outer app that mounts a
+        set-up app keeps Starlette's behaviour for its own routes."""
+
+        seen: dict[str, bool] = {}
+        done = anyio.Event()
+
+        async def note(key: str) -> None:
+            seen[key] = ctxkit.current_task() is not None
+            if len(seen) == 3:
+                done.set()
+
+        async def endpoint(request: Request) -> PlainTextResponse:
+            key = request.url.path
+            return PlainTextResponse(key, background=BackgroundTask(note, key))
+
+        def leaf() -> Starlette:
+            return Starlette(routes=[Route("/x", endpoint)])
+
+        set_up = Starlette(routes=[Route("/x", endpoint), Mount("/sub", app=leaf())])
+        detach_background_tasks(set_up)
+        outer = Starlette(routes=[Route("/x", endpoint), Mount("/in", app=set_up)])
+        transport = httpx.ASGITransport(app=outer)
+        async with (
+            ctxkit.BackgroundRunner(),
+            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+        ):
+            for path in ("/x", "/in/x", "/in/sub/x"):
+                assert (await client.get(path)).status_code == 200
+            with anyio.fail_after(DEADLINE):
+                await done.wait()
+        assert seen == {"/x": False, "/in/x": True, "/in/sub/x": True}
+
+
+class Recorder(logging.Handler):
+    """Keep the messages of the ``ctxkit`` logger."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def ctxkit_log() -> Iterator[Recorder]:
+    recorder = Recorder()
+    logger = logging.getLogger("ctxkit")
+    logger.addHandler(recorder)
+    yield recorder
+    logger.removeHandler(recorder)
+
+
+VAR: ContextVar[str] = ContextVar("VAR", default="unset")
+
+
+class TestInProcess:
+    """The same rules through httpx's ASGI transport, in this process's event loop."""
+
+    @pytest.mark.anyio
+    async def test_starlette_tasks_become_runner_tasks(self, ctxkit_log: Recorder) -> None:
+        """Each task of a response is a task of the open runner, named after its function, in
+        the context of add_task; a failure is reported and the others run; a task made outside
+        any request runs in the response's context; a refused spawn is logged, not raised."""
+        seen: list[tuple[str, str, bool]] = []
+
+        async def note(label: str) -> None:
+            seen.append((label, VAR.get(), ctxkit.current_task() is not None))
+
+        def note_sync(label: str) -> None:
+            seen.append((label, VAR.get(), True))  # a worker thread: no task to ask
+
+        async def fail() -> None:
+            raise ValueError("boom")
+
+        made_outside = BackgroundTask(note, "outside")
+
+        def endpoint(request: Request) -> PlainTextResponse:
+            VAR.set("at add_task")
+            tasks = BackgroundTasks()
+            tasks.add_task(fail)
+            tasks.add_task(note, label="async")
+            tasks.add_task(note_sync, "sync")
+            VAR.set("later")
+            return PlainTextResponse("ok", background=tasks)
+
+        async def outside(request: Request) -> PlainTextResponse:
+            return PlainTextResponse("ok", background=made_outside)
+
+        app = Starlette(routes=[Route("/", endpoint), Route("/outside", outside)])
+        detach_background_tasks(app, vars=(VAR,))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            async with ctxkit.BackgroundRunner() as runner:
+                assert (await client.get("/")).text == "ok"
+                assert (await client.get("/outside")).text == "ok"
+                await runner.drain()
+                stats = runner.statistics()
+                assert (stats.spawned, stats.ok, stats.error) == (4, 3, 1)
+            # the runner has shut down: the spawn is refused, logged, and the response is sent
+            response = await client.get("/")
+            assert response.text == "ok"
+        assert sorted(seen) == [
+            ("async", "at add_task", True),
+            ("outside", "unset", True),
+            ("sync", "at add_task", True),
+        ]
+        assert any("<locals>.fail' failed: ValueError: boom" in m for m in ctxkit_log.messages)
+        refused = [m for m in ctxkit_log.messages if "was not started" in m]
+        assert len(refused) == 3, ctxkit_log.messages
+        assert "<locals>.fail' of a request was not started: RunnerClosedError" in refused[0]
+
+    @pytest.mark.anyio
+    async def test_litestar_plugin_runner_and_tasks(self) -> None:
+        """The plugin's lifespan opens the runner the tasks go to, and closes it at shutdown;
+        a task made outside any request, run by a set-up app, is detached as well."""
+        seen: list[tuple[str, str, object]] = []
+
+        async def note(label: str) -> None:
+            seen.append((label, VAR.get(), ctxkit.current_runner()))
+
+        def note_sync(label: str) -> None:
+            seen.append((label, VAR.get(), None))
+
+        made_outside = LitestarTask(note, "outside")
+
+        @litestar.get("/", sync_to_thread=True)
+        def handler() -> LitestarResponse[str]:
+            VAR.set("at add_task")
+            tasks = [LitestarTask(note, "async"), LitestarTask(note_sync, label="sync")]
+            VAR.set("later")
+            return LitestarResponse("ok", background=LitestarTasks(tasks, run_in_task_group=True))
+
+        @litestar.get("/outside")
+        async def outside() -> LitestarResponse[str]:
+            return LitestarResponse("ok", background=made_outside)
+
+        plugin = CtxkitPlugin(vars=[VAR], drain_timeout=5)
+        app = Litestar(route_handlers=[handler, outside], plugins=[plugin])
+        before = plugin.runner
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        async with (
+            app.lifespan(),
+            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+        ):
+            runner = plugin.runner
+            assert runner is not None
+            assert "CtxkitPlugin(runner=" in repr(plugin)
+            assert (await client.get("/")).text == "ok"
+            assert (await client.get("/outside")).text == "ok"
+            await runner.drain()
+            assert runner.statistics().ok == 3
+        assert before is None
+        assert plugin.runner is None
+        assert runner.closed
+        assert sorted(seen, key=str) == sorted(
+            [
+                ("async", "at add_task", runner),
+                ("sync", "at add_task", None),
+                ("outside", "unset", runner),
+            ],
+            key=str,
+        )

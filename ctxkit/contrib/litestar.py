@@ -1,6 +1,6 @@
 """Litestar: a runner for the app's lifetime, and its background tasks detached, by one plugin.
 
-::
+Add the plugin to the app::
 
     from litestar import Litestar
     from ctxkit.contrib.litestar import CtxkitPlugin

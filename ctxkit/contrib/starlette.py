@@ -1,6 +1,6 @@
 """Starlette and FastAPI: the app's background tasks become detached ctxkit tasks, by one line.
 
-::
+Call it once where the app is made::
 
     from fastapi import FastAPI
     from ctxkit.contrib.starlette import detach_background_tasks
