@@ -673,3 +673,89 @@ class TestInProcess:
             ],
             key=str,
         )
+
+    @pytest.mark.anyio
+    async def test_tasks_outside_a_set_up_app_run_the_framework_way(self) -> None:
+        """With the classes taught the switch, an app without it runs its tasks inline and in
+        order (a failure stops the next one and reaches the server), and a task made in a
+        set-up app but run outside any request runs inline as the framework runs it."""
+        seen: list[tuple[str, bool]] = []
+
+        async def note(label: str) -> None:
+            seen.append((label, ctxkit.current_task() is not None))
+
+        async def fail() -> None:
+            raise ValueError("boom")
+
+        kept: list[Any] = []
+
+        @litestar.get("/plain")
+        async def plain() -> LitestarResponse[str]:
+            tasks = [LitestarTask(note, "a"), LitestarTask(fail), LitestarTask(note, "c")]
+            return LitestarResponse("ok", background=LitestarTasks(tasks))
+
+        @litestar.get("/keep")
+        async def keep() -> LitestarResponse[str]:
+            kept.append(LitestarTask(note, "kept"))
+            return LitestarResponse("ok")
+
+        def starlette_keep(request: Request) -> PlainTextResponse:
+            kept.append(BackgroundTask(note, "kept-starlette"))
+            return PlainTextResponse("ok")
+
+        set_up = Litestar(route_handlers=[keep], plugins=[CtxkitPlugin()])
+        not_set_up = Litestar(route_handlers=[plain])
+        starlette_app = Starlette(routes=[Route("/keep", starlette_keep)])
+        detach_background_tasks(starlette_app)
+        async with ctxkit.BackgroundRunner():
+            for app, path in ((set_up, "/keep"), (starlette_app, "/keep")):
+                transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+                async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                    assert (await client.get(path)).text == "ok"
+            # The failure reaches the server (TestAppsNotSetUp shows uvicorn's report of it);
+            # this transport, unlike uvicorn, would trip over the error response that some
+            # Litestar versions try to send after the response, so it is told not to raise.
+            transport = httpx.ASGITransport(
+                app=not_set_up,  # type: ignore[arg-type]
+                raise_app_exceptions=False,
+            )
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                assert (await client.get("/plain")).text == "ok"
+            for task in kept:
+                await task()
+        assert seen == [("a", False), ("kept", False), ("kept-starlette", False)]
+
+    @pytest.mark.anyio
+    async def test_the_switch_passes_other_scopes_through(self) -> None:
+        """Lifespan and WebSocket scopes reach the app untouched, with no switch set."""
+        from ctxkit.contrib._detach import switch
+
+        calls: list[tuple[str, object]] = []
+
+        async def inner(scope: Any, receive: Any, send: Any) -> None:
+            calls.append((scope["type"], switch.get()))
+
+        app = Starlette()
+        detach_background_tasks(app)
+        middleware = starlette_module._SwitchMiddleware(inner, app._ctxkit_detach)  # type: ignore[attr-defined]
+        for kind in ("lifespan", "websocket", "http"):
+            await middleware({"type": kind}, None, None)  # type: ignore[arg-type]
+        assert [kind for kind, _ in calls] == ["lifespan", "websocket", "http"]
+        assert [config is None for _, config in calls] == [True, True, False]
+
+    def test_setting_up_a_started_app_fails_at_once(self) -> None:
+        """An app that has built its middleware stack cannot be set up: it says so."""
+        app = Starlette()
+        app.middleware_stack = app.build_middleware_stack()
+        with pytest.raises(RuntimeError, match="after an application has started"):
+            detach_background_tasks(app)
+
+    def test_listing_the_plugin_twice_adds_it_once(self) -> None:
+        """A second CtxkitPlugin (or the same one twice) leaves the app's config as it is."""
+        from litestar.config.app import AppConfig
+
+        first, second = CtxkitPlugin(), CtxkitPlugin()
+        config = first.on_app_init(AppConfig())
+        config = second.on_app_init(first.on_app_init(config))
+        assert len(config.lifespan) == 1
+        assert len(config.middleware) == 1
