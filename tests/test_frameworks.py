@@ -753,8 +753,10 @@ class TestInProcess:
     def test_listing_the_plugin_twice_adds_it_once(self) -> None:
         """A second CtxkitPlugin (or the same one twice) leaves the app's config as it is."""
         from litestar.config.app import AppConfig
+        from litestar.plugins import InitPluginProtocol
 
         first, second = CtxkitPlugin(), CtxkitPlugin()
+        assert isinstance(first, InitPluginProtocol)
         config = first.on_app_init(AppConfig())
         config = second.on_app_init(first.on_app_init(config))
         assert len(config.lifespan) == 1

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from litestar import background_tasks
 from litestar.middleware.base import DefineMiddleware
-from litestar.plugins import InitPluginProtocol
 
 from .._runner import BackgroundRunner
 from ._detach import Detach, capture, make_detach, start, switch
@@ -39,10 +38,12 @@ if TYPE_CHECKING:
 __all__ = ["CtxkitPlugin"]
 
 
-class CtxkitPlugin(InitPluginProtocol):
+class CtxkitPlugin:
     """Open a ``BackgroundRunner`` for the app's lifetime and detach its background tasks.
 
-    ``vars``, ``propagation``, ``span`` and ``timeout`` are ``ctxkit.spawn``'s options, for
+    A Litestar ``InitPluginProtocol`` plugin (the protocol is structural, so the class does not
+    name it as a base). ``vars``, ``propagation``, ``span`` and ``timeout`` are
+    ``ctxkit.spawn``'s options, for
     every background task of the app; the other arguments are ``BackgroundRunner``'s.
 
     Semantics:
