@@ -23,7 +23,7 @@ RUN_SUITE = timeout --signal=INT --kill-after=60 $(SUITE_TIMEOUT)
 .PHONY: demo test lint typecheck pytest bench bench-quick docs clean
 .PHONY: test-matrix $(MATRIX_PYTHONS:%=test-%) test-eager $(MATRIX_PYTHONS:%=test-eager-%)
 .PHONY: test-inherit $(INHERIT_PYTHONS:%=test-inherit-%)
-.PHONY: test-lowest test-arq test-arq-lowest dist-check soak fuzz
+.PHONY: test-lowest test-arq test-arq-lowest dist-check soak fuzz bench-background
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -113,6 +113,10 @@ test-arq-lowest:
 # Build the sdist and wheel, check them, install the wheel into a fresh venv and run the demo.
 dist-check:
 	bash scripts/dist-check.sh
+
+# FastAPI's background tasks on uvicorn under wrk: stock, detached, hand-written (issue 26).
+bench-background: $(STAMP)
+	$(BIN)/python -m benchmarks.case_background $(BENCH_ARGS)
 
 # A million asyncio tasks and 100,000 trio tasks with mixed outcomes (benchmarks/soak.py).
 soak: $(STAMP)

@@ -34,6 +34,8 @@ MODULES = (
     "ctxkit.contrib.celery",
     "ctxkit.contrib.procrastinate",
     "ctxkit.contrib.dramatiq",
+    "ctxkit.contrib.litestar",
+    "ctxkit.contrib.starlette",
     "ctxkit.contrib.structlog",
     "ctxkit.contrib.taskiq",
 )

@@ -1,0 +1,1 @@
+"""Small FastAPI, Starlette and Litestar apps that tests/test_frameworks.py serves on uvicorn."""
