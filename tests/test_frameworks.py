@@ -372,6 +372,33 @@ class TestHangUpAndShutdown:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("framework", ["fastapi", "starlette"])
+async def test_an_app_whose_lifespan_opens_no_runner_drains_at_sigterm(
+    framework: str, tmp_path: Path
+) -> None:
+    """``detach_background_tasks`` alone: the app's lifespan opens no runner, so the switch
+    opens one for the app's lifetime; SIGTERM drains its tasks (the stock app's server would
+    have waited for them) and its summary line follows them."""
+    with serve(framework, tmp_path, mode="no-runner") as server:
+        async with one_connection(server) as client:
+            for label in ("n1", "n2"):
+                await client.get("/slow", params={"label": label, "seconds": "1.5"})
+        await poll(
+            server,
+            "the tasks' start",
+            lambda: all(server.logged(f"slow started n{n}") for n in (1, 2)),
+        )
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=DEADLINE)
+        messages = server.messages()
+        assert all(f"slow done n{n}" in messages for n in (1, 2)), messages
+        summary = [m for m in messages if m.startswith("ctxkit runner shut down")]
+        assert len(summary) == 1, messages
+        assert "every task finished" in summary[0], messages
+        assert messages.index(summary[0]) > messages.index("slow done n2")
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 class TestAppsNotSetUp:
     async def test_an_app_not_set_up_keeps_the_framework_behaviour(

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any, Final
 from starlette import background
 from starlette.applications import Starlette
 
+from .._runner import BackgroundRunner, loops
 from ._detach import Detach, capture, make_detach, start, switch
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from contextvars import ContextVar
 
-    from starlette.types import ASGIApp, Receive, Scope, Send
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from .._trace import Propagation
 
@@ -56,22 +57,24 @@ def detach_background_tasks(
         Each background task of the app (FastAPI's injected ``BackgroundTasks``, a
         ``BackgroundTasks`` or ``BackgroundTask`` passed to any response; ``async def`` or
         plain functions) becomes one ctxkit task, started when the response has been sent,
-        on the current runner (the one the app's lifespan opened, else ``ctxkit.spawn``'s
-        choice) and named after its function. It runs in a clone of the context of its
-        ``add_task`` call (or of ``BackgroundTask(...)``): the ``vars`` given plus the
-        registered ones and the request's trace (``propagation``), so a ``def`` endpoint's
-        vars arrive and nothing else of the request does. A plain function runs in a worker
-        thread, as ``ctxkit.spawn`` runs one.
+        on the current runner and named after its function. The current runner is the one
+        the app's lifespan opened; if it opened none, one with the default options that the
+        middleware opens when the app's startup completes and drains when the server sends
+        the lifespan's shutdown, before the app's own shutdown (with the lifespan off, as
+        ``uvicorn --lifespan off``: ``ctxkit.spawn``'s choice). A task runs in a clone of
+        the context of its ``add_task`` call (or of ``BackgroundTask(...)``): the ``vars``
+        given plus the registered ones and the request's trace (``propagation``), so a
+        ``def`` endpoint's vars arrive and nothing else of the request does. A plain
+        function runs in a worker thread, as ``ctxkit.spawn`` runs one.
 
         The request's ASGI call returns once the response has been sent; the keep-alive
         connection never waits for the tasks. Each task is on its own: one that fails, times
         out or is cancelled does not stop the others, and its error is reported as every
         ctxkit task's is (its span, a log line with the trace id, ``on_error``, metrics). A
         client that hangs up and the request's own cancellation do not cancel them; only the
-        runner does (its ``cancel()``, ``timeout``, the end of its shutdown drain), so a
-        runner opened in the app's lifespan drains them at shutdown. A spawn the runner
-        refuses (full, closed, none on trio) is logged on the ``ctxkit`` logger and never
-        reaches the server.
+        runner does (its ``cancel()``, ``timeout``, the end of its shutdown drain). A spawn
+        the runner refuses (full, closed, none on trio) is logged on the ``ctxkit`` logger
+        and never reaches the server.
 
         Only requests that pass through this app are affected, sub-applications mounted in
         it included; other apps in the process, and an app that mounts this one, keep
@@ -90,29 +93,52 @@ def detach_background_tasks(
         RuntimeError: The app has already started serving, or the installed Starlette's
             background tasks do not have the shape ctxkit knows.
     """
-    config = make_detach("detach_background_tasks", vars, propagation, span, timeout)
     if not isinstance(app, Starlette):
         raise TypeError(
             f"detach_background_tasks() needs a Starlette or FastAPI application, got {app!r}; "
             "for Litestar add ctxkit.contrib.litestar.CtxkitPlugin() to its plugins"
         )
-    _patch()
     existing = getattr(app, _APP_ATTRIBUTE, None)
-    if isinstance(existing, _Switch):
-        existing.config = config
-        return
-    holder = _Switch(config)
-    app.add_middleware(_SwitchMiddleware, switch=holder)
-    setattr(app, _APP_ATTRIBUTE, holder)
+    holder = existing if isinstance(existing, _Switch) else _Switch()
+    holder.config = make_detach(
+        "detach_background_tasks", vars, propagation, span, timeout, holder.lifespan_runner
+    )
+    _patch()
+    if holder is not existing:
+        app.add_middleware(_SwitchMiddleware, switch=holder)
+        setattr(app, _APP_ATTRIBUTE, holder)
 
 
 class _Switch:
-    """The options of one set-up app; a second set-up replaces them."""
+    """The options of one set-up app (a second set-up replaces them), and its own runner.
 
-    __slots__ = ("config",)
+    ``own`` is the runner the middleware opened for the app's lifetime because the app's
+    lifespan opened none; touched only in the lifespan's task, on the app's loop.
+    """
 
-    def __init__(self, config: Detach) -> None:
-        self.config = config
+    __slots__ = ("config", "own")
+
+    def __init__(self) -> None:
+        self.config: Detach | None = None
+        self.own: BackgroundRunner | None = None
+
+    def lifespan_runner(self) -> BackgroundRunner | None:
+        """The runner the tasks go to: the app's own, if it has one, else spawn's choice."""
+        own = self.own
+        return own if own is not None and own.accepting else None
+
+    async def open_own(self) -> None:
+        """Open a runner for the app's lifetime, unless one is open on this loop already."""
+        if self.own is None and not _runner_open_here():
+            runner = BackgroundRunner()
+            await runner.__aenter__()
+            self.own = runner
+
+    async def close_own(self, exc: BaseException | None = None) -> None:
+        """Drain and close the app's own runner, if it opened one (a shutdown drain)."""
+        runner, self.own = self.own, None
+        if runner is not None:
+            await runner.__aexit__(type(exc) if exc is not None else None, exc, None)
 
 
 class _SwitchMiddleware:
@@ -124,7 +150,11 @@ class _SwitchMiddleware:
         self.app, self.switch = app, switch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        if kind != "http":
             await self.app(scope, receive, send)
             return
         token = switch.set(self.switch.config)
@@ -132,6 +162,40 @@ class _SwitchMiddleware:
             await self.app(scope, receive, send)
         finally:
             switch.reset(token)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Give the app a runner for its lifetime if its lifespan opened none.
+
+        Opened once the app's startup has completed (a runner its lifespan opened is open by
+        then, and is used instead), and drained when the shutdown message arrives, before the
+        app's own shutdown runs: the tasks finish while what they use is still there. All of
+        it in the lifespan's one task, where a runner's ``async with`` would be.
+        """
+        holder = self.switch
+
+        async def send_startup(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                await holder.open_own()
+            await send(message)
+
+        async def receive_shutdown() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await holder.close_own()
+            return message
+
+        try:
+            await self.app(scope, receive_shutdown, send_startup)
+        except BaseException as exc:
+            await holder.close_own(exc)
+            raise
+        await holder.close_own()
+
+
+def _runner_open_here() -> bool:
+    """Whether a runner was entered on the running loop and takes work."""
+    here = loops.here()
+    return here is not None and here.first_open is not None
 
 
 def _patch() -> None:

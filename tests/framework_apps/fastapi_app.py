@@ -43,7 +43,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
 
 
-app = FastAPI(lifespan=lifespan, telemetry={"tracing": False})
+# "no-runner": the lifespan opens no runner; detach_background_tasks opens one for the app.
+app = FastAPI(lifespan=None if MODE == "no-runner" else lifespan, telemetry={"tracing": False})
 app.add_middleware(ServerSpan)
 
 

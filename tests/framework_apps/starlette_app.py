@@ -98,7 +98,8 @@ def make_app() -> Starlette:
             Route("/slow", slow_task),
         ],
         middleware=[Middleware(ServerSpan)],
-        lifespan=lifespan,
+        # "no-runner": the lifespan opens no runner; detach_background_tasks opens one.
+        lifespan=None if MODE == "no-runner" else lifespan,
     )
 
 
