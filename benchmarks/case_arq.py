@@ -125,12 +125,12 @@ def run(settings: Settings) -> list[CaseResult]:
         import arq  # noqa: F401
     except ImportError as exc:
         print(f"Case 12: arq missing ({exc}); it runs in .venv-arq (make test-arq)")
-        return [skipped("11", TITLE, f"missing ({exc}); run it in .venv-arq")]
+        return [skipped("12", TITLE, f"missing ({exc}); run it in .venv-arq")]
     n = 500 if settings.quick else 2_500
     rounds = settings.pick_rounds(full=7, quick=3)
     return [
         measure_sync(
-            "11",
+            "12",
             f"{TITLE}, {n:,} jobs/batch",
             variants(n),
             baseline=PLAIN,

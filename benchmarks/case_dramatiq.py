@@ -104,12 +104,12 @@ def run(settings: Settings) -> list[CaseResult]:
         import dramatiq  # noqa: F401
     except ImportError as exc:
         print(f"Case 11: dramatiq missing ({exc})")
-        return [skipped("10", TITLE, f"missing ({exc})")]
+        return [skipped("11", TITLE, f"missing ({exc})")]
     n = 500 if settings.quick else 2_500
     rounds = settings.pick_rounds(full=7, quick=3)
     return [
         measure_sync(
-            "10",
+            "11",
             f"{TITLE}, {n:,} jobs/batch",
             variants(n),
             baseline=PLAIN,
