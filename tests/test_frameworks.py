@@ -257,7 +257,7 @@ class TestEachTaskOnItsOwn:
             messages = server.messages()
             assert messages.count("done t1-a") == messages.count("done t1-c") == 1
             assert messages.count("hanging t1-d") == 1
-            assert len([span for span in task_spans(server, "task_ok") if span]) >= 2
+            await poll(server, "the tasks' spans", lambda: len(task_spans(server, "task_ok")) >= 2)
 
 
 @pytest.mark.anyio
@@ -320,6 +320,8 @@ class TestHangUpAndShutdown:
             ):
                 assert response.status_code == 200
             await poll(server, "the task's end", lambda: server.logged("slow done h"))
+            # The task's span ends after its last log line: wait for it to be exported.
+            await poll(server, "the task's span", lambda: len(task_spans(server, "slow")) == 1)
             (span,) = task_spans(server, "slow")
             assert span["status"] == "UNSET"
 
